@@ -1,0 +1,51 @@
+"""replicas: storage drivers for replicator. Bytes in, bytes out; nothing about SQLite.
+
+Open a driver with open_driver(url, **options); every driver implements Driver and
+raises only StorageError subclasses. Wrap one in RetryingDriver to retry Transient errors.
+"""
+
+from . import mem
+from .base import CHUNK_SIZE, Capability, Driver, ObjectInfo
+from .errors import (
+    BadURL,
+    IntegrityError,
+    InvalidKey,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from .file import FileDriver
+from .keys import validate_key, validate_prefix
+from .mem import MemDriver
+from .registry import open_driver, redact_url, register, schemes
+from .retry import RetryingDriver
+
+register("file", FileDriver.from_url)
+register("mem", MemDriver.from_url)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "BadURL",
+    "Capability",
+    "Driver",
+    "FileDriver",
+    "IntegrityError",
+    "InvalidKey",
+    "MemDriver",
+    "NotFound",
+    "ObjectInfo",
+    "PermissionDenied",
+    "PreconditionFailed",
+    "RetryingDriver",
+    "StorageError",
+    "Transient",
+    "mem",
+    "open_driver",
+    "redact_url",
+    "register",
+    "schemes",
+    "validate_key",
+    "validate_prefix",
+]

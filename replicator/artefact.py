@@ -1,0 +1,925 @@
+"""Artefact codec: the immutable, self-describing files a replica holds (DESIGN invariant 5).
+
+Pure bytes in, bytes out: no driver, no SQLite. The byte layout is specified in
+docs/format.md; in short::
+
+    MAGIC (8) | header length N (4, BE) | CBOR header (N) | xxh3_64(header) (8, BE) | payload
+
+A SNAPSHOT's body is the raw database image; a SEGMENT's body is, per transaction and
+page, a 4-byte big-endian page number followed by the page image. Writers and readers
+stream in large chunks, so memory stays bounded whatever the artefact size (invariant 7).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import cbor2
+import xxhash
+import zstandard
+
+from replicator import keys
+
+MAGIC = b"\x89RPL\r\n\x1a\n"
+FORMAT_VERSION = 1
+PREFIX_SIZE = 12  # magic + header length
+CHECKSUM_SIZE = 8  # the header checksum after the CBOR header
+MAX_HEADER_LENGTH = 64 << 20
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
+MAX_PAGE_NUMBER = 2**32 - 2  # SQLite's largest page number
+MAX_UINT64 = 2**64 - 1
+PAGE_NUMBER_SIZE = 4
+SNAPSHOT, SEGMENT = keys.SNAPSHOT, keys.SEGMENT
+KINDS = (SNAPSHOT, SEGMENT)
+CODECS = ("zstd", "none")
+
+_BATCH = 1 << 20  # bytes handed to the compressor / spool per call
+_COPY_CHUNK = 1 << 20
+_PGNO = struct.Struct(">I")
+
+
+class ArtefactError(Exception):
+    """A damaged, foreign or unsupported artefact. One line, no key or path in it."""
+
+
+# ---------------------------------------------------------------------------- checksums
+
+
+def page_hash(pgno: int, data: bytes | bytearray | memoryview) -> int:
+    """64-bit hash of one page: xxh3_64 of its bytes, seeded with its page number."""
+    return xxhash.xxh3_64_intdigest(data, pgno)
+
+
+def db_checksum_of_image(image: bytes | bytearray | memoryview, page_size: int, *, first_page: int = 1) -> int:
+    """Whole-database checksum: XOR of page_hash(p, page p) over all pages (0 if none).
+
+    first_page lets callers fold an image in pieces: XOR the results of consecutive calls.
+    """
+    mv = memoryview(image).cast("B")
+    if mv.nbytes % page_size:
+        raise ValueError(f"image of {mv.nbytes} bytes is not a whole number of {page_size}-byte pages")
+    acc = 0
+    h = xxhash.xxh3_64_intdigest
+    for pgno, off in enumerate(range(0, mv.nbytes, page_size), first_page):
+        acc ^= h(mv[off : off + page_size], pgno)
+    return acc
+
+
+# ---------------------------------------------------------------------------- header
+
+
+@dataclass(frozen=True)
+class TxnInfo:
+    """One transaction in an artefact: where it leaves the database."""
+
+    txid: int
+    page_count: int  # page images stored for this transaction
+    db_pages: int  # database size in pages after the commit
+    commit_time: float  # unix seconds, when the commit was observed
+    db_checksum: int  # whole-database checksum after the commit
+
+
+@dataclass(frozen=True)
+class ArtefactHeader:
+    """The decoded CBOR header of an artefact."""
+
+    kind: str
+    generation: str
+    first_txid: int
+    last_txid: int
+    page_size: int
+    codec: str
+    level: int
+    created: float
+    payload_length: int
+    payload_checksum: int
+    raw_length: int
+    txns: tuple[TxnInfo, ...]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def db_checksum(self) -> int:
+        """Database checksum at the position this artefact ends at."""
+        return self.txns[-1].db_checksum
+
+    @property
+    def db_pages(self) -> int:
+        """Database size in pages at the position this artefact ends at."""
+        return self.txns[-1].db_pages
+
+    @property
+    def commit_time(self) -> float:
+        """Commit time of the last transaction in this artefact."""
+        return self.txns[-1].commit_time
+
+    @property
+    def page_count(self) -> int:
+        """Number of page images in the body."""
+        return sum(t.page_count for t in self.txns)
+
+    def txn(self, txid: int) -> TxnInfo:
+        """The entry for txid; KeyError if this artefact does not hold it."""
+        i = txid - self.first_txid
+        if not 0 <= i < len(self.txns):
+            raise KeyError(txid)
+        return self.txns[i]
+
+    def to_map(self) -> dict[str, Any]:
+        """The header as the CBOR map that is stored."""
+        return {
+            "v": self.format_version,
+            "kind": self.kind,
+            "gen": self.generation,
+            "txids": [self.first_txid, self.last_txid],
+            "psize": self.page_size,
+            "codec": self.codec,
+            "level": self.level,
+            "created": float(self.created),
+            "plen": self.payload_length,
+            "psum": self.payload_checksum,
+            "rlen": self.raw_length,
+            "txns": [[t.txid, t.page_count, t.db_pages, float(t.commit_time), t.db_checksum] for t in self.txns],
+        }
+
+    def encode(self) -> bytes:
+        """Everything before the payload: magic, header length, CBOR header, header checksum."""
+        m = self.to_map()
+        try:
+            _header_from_map(m)
+        except ArtefactError as e:
+            raise ValueError(f"invalid artefact header: {e}") from None
+        body = cbor2.dumps(m, canonical=True)
+        if len(body) > MAX_HEADER_LENGTH:
+            raise ValueError(f"artefact header of {len(body)} bytes exceeds {MAX_HEADER_LENGTH}")
+        return b"".join((MAGIC, len(body).to_bytes(4, "big"), body, xxhash.xxh3_64_digest(body)))
+
+
+def _malformed(name: str) -> ArtefactError:
+    return ArtefactError(f"header field {name!r} missing or malformed")
+
+
+def _int(m: dict, name: str, lo: int = 0, hi: int = MAX_UINT64) -> int:
+    v = m.get(name)
+    if type(v) is not int or not lo <= v <= hi:
+        raise _malformed(name)
+    return v
+
+
+def _is_uint(v: Any, hi: int = MAX_UINT64) -> bool:
+    return type(v) is int and 0 <= v <= hi
+
+
+def _is_time(v: Any) -> bool:
+    return type(v) in (float, int) and math.isfinite(v)
+
+
+def _header_from_map(m: Any) -> ArtefactHeader:
+    """Validate a decoded header map and build the header; unknown keys are ignored."""
+    if not isinstance(m, dict):
+        raise ArtefactError("header is not a CBOR map")
+    version = m.get("v")
+    if type(version) is not int or version < 1:
+        raise _malformed("v")
+    if version > FORMAT_VERSION:
+        raise ArtefactError(f"unsupported format version {version} (this replicator reads {FORMAT_VERSION})")
+    kind = m.get("kind")
+    if kind not in KINDS:
+        raise _malformed("kind")
+    gen = m.get("gen")
+    if type(gen) is not str or not 0 < len(gen) <= 256 or "/" in gen:
+        raise _malformed("gen")
+    txids = m.get("txids")
+    if not isinstance(txids, (list, tuple)) or len(txids) != 2 or not all(_is_uint(t) for t in txids):
+        raise _malformed("txids")
+    first, last = txids
+    if first > last:
+        raise _malformed("txids")
+    psize = _int(m, "psize", MIN_PAGE_SIZE, MAX_PAGE_SIZE)
+    if psize & (psize - 1):
+        raise _malformed("psize")
+    codec = m.get("codec")
+    if type(codec) is not str:
+        raise _malformed("codec")
+    if codec not in CODECS:
+        raise ArtefactError(f"unsupported codec {codec[:32]!r}")
+    level = _int(m, "level", -(1 << 20), 1 << 20)
+    created = m.get("created")
+    if not _is_time(created):
+        raise _malformed("created")
+    plen, psum, rlen = _int(m, "plen"), _int(m, "psum"), _int(m, "rlen")
+
+    raw_txns = m.get("txns")
+    if not isinstance(raw_txns, (list, tuple)) or not raw_txns:
+        raise _malformed("txns")
+    txns = []
+    for e in raw_txns:
+        if (
+            not isinstance(e, (list, tuple))
+            or len(e) != 5
+            or not _is_uint(e[0])
+            or not _is_uint(e[1], MAX_PAGE_NUMBER)
+            or not _is_uint(e[2], MAX_PAGE_NUMBER)
+            or not _is_time(e[3])
+            or not _is_uint(e[4])
+        ):
+            raise _malformed("txns")
+        txns.append(TxnInfo(e[0], e[1], e[2], float(e[3]), e[4]))
+
+    if kind == SNAPSHOT:
+        t = txns[0]
+        if len(txns) != 1 or first != last or t.txid != first:
+            raise ArtefactError(f"header field 'txns' inconsistent: a snapshot needs one entry for txid {first}")
+        if t.page_count != t.db_pages:
+            raise ArtefactError("header field 'txns' inconsistent: snapshot page count differs from db_pages")
+        expected_raw = t.db_pages * psize
+    else:
+        if len(txns) != last - first + 1 or any(t.txid != first + i for i, t in enumerate(txns)):
+            raise ArtefactError(f"header field 'txns' inconsistent: entries are not txids {first}..{last} in order")
+        expected_raw = sum(t.page_count for t in txns) * (PAGE_NUMBER_SIZE + psize)
+    if rlen != expected_raw:
+        raise ArtefactError(f"header field 'rlen' inconsistent: {rlen}, the txns need {expected_raw}")
+    if codec == "none" and plen != rlen:
+        raise ArtefactError("header field 'plen' inconsistent: codec 'none' stores the body as is")
+    return ArtefactHeader(
+        kind=kind,
+        generation=gen,
+        first_txid=first,
+        last_txid=last,
+        page_size=psize,
+        codec=codec,
+        level=level,
+        created=float(created),
+        payload_length=plen,
+        payload_checksum=psum,
+        raw_length=rlen,
+        txns=tuple(txns),
+        format_version=version,
+    )
+
+
+def header_end(prefix: bytes | bytearray | memoryview) -> int:
+    """Offset of the payload, from the first PREFIX_SIZE bytes of an artefact (for range reads)."""
+    prefix = bytes(prefix[:PREFIX_SIZE])
+    if prefix[:8] != MAGIC[: len(prefix)]:
+        raise ArtefactError("not a replicator artefact (bad magic)")
+    if len(prefix) < PREFIX_SIZE:
+        raise ArtefactError(f"truncated: prefix has {len(prefix)} of {PREFIX_SIZE} bytes")
+    n = int.from_bytes(prefix[8:12], "big")
+    if not 1 <= n <= MAX_HEADER_LENGTH:
+        raise ArtefactError(f"header length {n} out of range (1..{MAX_HEADER_LENGTH})")
+    return PREFIX_SIZE + n + CHECKSUM_SIZE
+
+
+def parse_header_bytes(buf: bytes | bytearray | memoryview) -> ArtefactHeader:
+    """Decode and validate the header from a buffer that starts at offset 0 of an artefact.
+
+    buf may extend past the header (into the payload); bytes beyond are ignored.
+    """
+    mv = memoryview(buf).cast("B")
+    end = header_end(mv)
+    if mv.nbytes < end:
+        raise ArtefactError(f"truncated: header has {mv.nbytes} of {end} bytes")
+    body = mv[PREFIX_SIZE : end - CHECKSUM_SIZE]
+    if xxhash.xxh3_64_intdigest(body) != int.from_bytes(mv[end - CHECKSUM_SIZE : end], "big"):
+        raise ArtefactError("header checksum mismatch")
+    fp = io.BytesIO(body)
+    try:
+        m = cbor2.CBORDecoder(fp).decode()
+    except Exception:  # cbor2 raises several types on garbage (decode errors, overflow, recursion)
+        raise ArtefactError("header is not valid CBOR") from None
+    if fp.tell() != body.nbytes:
+        raise ArtefactError("header is not valid CBOR")
+    return _header_from_map(m)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """Up to n bytes; fewer only at end of stream."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_header(f: BinaryIO) -> ArtefactHeader:
+    """Read and validate the header, leaving f at the start of the payload."""
+    prefix = _read_exact(f, PREFIX_SIZE)
+    end = header_end(prefix)
+    return parse_header_bytes(prefix + _read_exact(f, end - PREFIX_SIZE))
+
+
+def verify_key(header: ArtefactHeader, key: str) -> None:
+    """Raise ArtefactError unless the header agrees with the artefact's key (kind, generation, txids)."""
+    k = keys.parse_key(key)
+    if k is None:
+        raise ArtefactError("not an artefact key")
+    if (k.kind, k.generation, k.first_txid, k.last_txid) != (
+        header.kind,
+        header.generation,
+        header.first_txid,
+        header.last_txid,
+    ):
+        raise ArtefactError(
+            f"header does not match its key (header: {header.kind} {header.generation} "
+            f"txids {header.first_txid}..{header.last_txid})"
+        )
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class _PayloadSource:
+    """Reads at most `length` stored payload bytes from f, hashing them as they pass."""
+
+    def __init__(self, f: BinaryIO, length: int):
+        self._f = f
+        self.length = length
+        self.got = 0
+        self._hash = xxhash.xxh3_64()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.length - self.got
+        if n < 0 or n > left:
+            n = left
+        if n <= 0:
+            return b""
+        b = self._f.read(n) or b""
+        self.got += len(b)
+        self._hash.update(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(_COPY_CHUNK):
+            pass
+
+    def check_complete(self) -> None:
+        """Raise unless all `length` bytes were there."""
+        if self.got < self.length:
+            raise ArtefactError(f"truncated: payload has {self.got} of {self.length} bytes")
+
+    def matches(self, checksum: int) -> bool:
+        return self._hash.intdigest() == checksum
+
+
+def iter_body(f: BinaryIO, header: ArtefactHeader, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decode the payload that follows the header in f; yield raw body chunks (<= chunk_size).
+
+    Chunks are yielded before the payload checksum can be known: the body is proven only
+    when the iterator finishes without raising (length, checksum, trailing data, raw length).
+    """
+    source = _PayloadSource(f, header.payload_length)
+    produced = 0
+    problem = None
+    if header.codec == "none":
+        while b := source.read(chunk_size):
+            produced += len(b)
+            yield b
+    else:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            source, read_size=min(chunk_size, 1 << 20), read_across_frames=False, closefd=False
+        )
+        while True:
+            try:
+                b = reader.read(chunk_size)
+            except zstandard.ZstdError:
+                problem = "corrupt zstd payload"
+                break
+            if not b:
+                break
+            produced += len(b)
+            if produced > header.raw_length:
+                break  # never inflate a damaged payload past what the header allows
+            yield b
+    source.drain()  # the checksum covers every stored byte, even after a decoding error
+    source.check_complete()
+    if not source.matches(header.payload_checksum):
+        raise ArtefactError("payload checksum mismatch")
+    if f.read(1):
+        raise ArtefactError("trailing data after payload")
+    if problem:
+        raise ArtefactError(problem)
+    if produced != header.raw_length:
+        more = " or more" if produced > header.raw_length else ""
+        raise ArtefactError(
+            f"{header.kind} body does not match its header (decoded {produced} bytes{more}, "
+            f"header says {header.raw_length})"
+        )
+
+
+def _segment_pages(header: ArtefactHeader, chunks: Iterator[bytes]) -> Iterator[tuple[TxnInfo, int, memoryview]]:
+    rec = PAGE_NUMBER_SIZE + header.page_size
+    txns = header.txns
+    ti, left, prev = 0, txns[0].page_count, 0
+    pending = bytearray()
+    problem = None
+
+    def records(mv: memoryview) -> Iterator[tuple[TxnInfo, int, memoryview]]:
+        nonlocal ti, left, prev, problem
+        unpack = _PGNO.unpack_from
+        for off in range(0, mv.nbytes, rec):
+            while left == 0:
+                ti += 1
+                if ti == len(txns):
+                    problem = "more pages than its txns list"
+                    return
+                left, prev = txns[ti].page_count, 0
+            (pgno,) = unpack(mv, off)
+            if not prev < pgno <= MAX_PAGE_NUMBER:
+                problem = f"page number {pgno} after {prev} in txid {txns[ti].txid}"
+                return
+            prev = pgno
+            left -= 1
+            yield txns[ti], pgno, mv[off + PAGE_NUMBER_SIZE : off + rec]
+
+    for chunk in chunks:
+        mv = memoryview(chunk)
+        off = 0
+        if pending:
+            off = min(rec - len(pending), mv.nbytes)
+            pending += mv[:off]
+            if len(pending) < rec:
+                continue
+            yield from records(memoryview(bytes(pending)))
+            pending = bytearray()
+            if problem is not None:
+                break
+        whole = off + (mv.nbytes - off) // rec * rec
+        yield from records(mv[off:whole])
+        if problem is not None:
+            break
+        pending += mv[whole:]
+    if problem is None and (pending or left or any(t.page_count for t in txns[ti + 1 :])):
+        problem = "body ends inside a page" if pending else "fewer pages than its txns list"
+    if problem is not None:
+        for _ in chunks:  # checksum and length errors take precedence: they say what really broke
+            pass
+        raise ArtefactError(f"segment body does not match its header ({problem})")
+
+
+def iter_segment_pages(f: BinaryIO, header: ArtefactHeader) -> Iterator[tuple[TxnInfo, int, memoryview]]:
+    """Yield (txn, page number, page bytes) for every page of a segment, in body order.
+
+    The memoryviews are slices of immutable chunks (no copies) and stay valid. As with
+    iter_body, the pages are proven only when the iterator finishes without raising.
+    """
+    if header.kind != SEGMENT:
+        raise ValueError(f"not a segment: {header.kind}")
+    rec = PAGE_NUMBER_SIZE + header.page_size
+    chunk = max(1, (1 << 20) // rec) * rec  # whole records per chunk: no straddling copies
+    return _segment_pages(header, iter_body(f, header, chunk_size=chunk))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class _Spool:
+    """Stored payload bytes: in memory up to `limit`, then in an anonymous temp file."""
+
+    def __init__(self, spool_dir: str | os.PathLike | None, limit: int):
+        self._dir = os.fspath(spool_dir) if spool_dir is not None else None
+        self._limit = limit
+        self._mem = bytearray()
+        self._file: Any = None
+        self.size = 0
+        self._hash = xxhash.xxh3_64()
+        self.closed = False
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    @property
+    def checksum(self) -> int:
+        return self._hash.intdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not n:
+            return
+        self._hash.update(data)
+        self.size += n
+        if self._file is None:
+            if len(self._mem) + n <= self._limit:
+                self._mem += data
+                return
+            # unnamed (unlinked) temp file: nothing is left behind if the process dies
+            self._file = tempfile.TemporaryFile(dir=self._dir, prefix="replicator-spool-")
+            self._file.write(self._mem)
+            self._mem = bytearray()
+        self._file.write(data)
+
+    def seal(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Copy bytes at offset into buf; independent of any other reader."""
+        if self.closed:
+            raise ValueError("artefact is closed")
+        n = max(0, min(buf.nbytes, self.size - offset))
+        if n == 0:
+            return 0
+        if self._file is None:
+            buf[:n] = memoryview(self._mem)[offset : offset + n]
+            return n
+        return os.preadv(self._file.fileno(), [buf[:n]], offset)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._file is not None:
+            self._file.close()
+        self._mem = bytearray()
+
+
+class _ArtefactStream(io.RawIOBase):
+    """A seekable, read-only view of prefix + spool."""
+
+    def __init__(self, prefix: bytes, spool: _Spool):
+        self._prefix, self._spool = prefix, spool
+        self._size = len(prefix) + spool.size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        done, pos, plen = 0, self._pos, len(self._prefix)
+        if pos < plen:
+            n = min(mv.nbytes, plen - pos)
+            mv[:n] = self._prefix[pos : pos + n]
+            done, pos = n, pos + n
+        while done < mv.nbytes and pos < self._size:
+            n = self._spool.readinto(pos - plen, mv[done:])
+            if n <= 0:
+                break
+            done, pos = done + n, pos + n
+        self._pos = pos
+        return done
+
+
+class EncodedArtefact:
+    """A finished artefact: its header and its spooled payload, ready to be written or uploaded."""
+
+    def __init__(self, header: ArtefactHeader, spool: _Spool):
+        self.header = header
+        self.prefix = header.encode()
+        self._spool = spool
+        self.size = len(self.prefix) + spool.size
+
+    @property
+    def spilled(self) -> bool:
+        """True when the payload spilled from memory to a temp file."""
+        return self._spool.spilled
+
+    def write_to(self, f: BinaryIO) -> None:
+        """Write the whole artefact (prefix + payload) to f, streaming."""
+        f.write(self.prefix)
+        buf = memoryview(bytearray(min(_COPY_CHUNK, max(1, self._spool.size))))
+        off = 0
+        while off < self._spool.size:
+            n = self._spool.readinto(off, buf)
+            if n <= 0:
+                raise OSError("artefact spool ended early")
+            f.write(buf[:n])
+            off += n
+
+    def open(self) -> BinaryIO:
+        """A seekable readable stream of the whole artefact; valid until close()."""
+        return io.BufferedReader(_ArtefactStream(self.prefix, self._spool), _COPY_CHUNK)  # type: ignore[return-value]
+
+    def to_bytes(self) -> bytes:
+        """The whole artefact in memory (for tests and small artefacts)."""
+        out = io.BytesIO()
+        self.write_to(out)
+        return out.getvalue()
+
+    def close(self) -> None:
+        """Release the spool (removes the temp file)."""
+        self._spool.close()
+
+    def __enter__(self) -> EncodedArtefact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_common(generation: str, page_size: int, codec: str, level: int) -> None:
+    if type(generation) is not str or not 0 < len(generation) <= 256 or "/" in generation:
+        raise ValueError(f"bad generation id {generation!r}")
+    if type(page_size) is not int or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise ValueError(f"bad page size {page_size!r}")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    if type(level) is not int:
+        raise ValueError(f"bad compression level {level!r}")
+
+
+def _check_position(db_pages: int, commit_time: float, db_checksum: int) -> None:
+    if not _is_uint(db_pages, MAX_PAGE_NUMBER):
+        raise ValueError(f"bad db_pages {db_pages!r}")
+    if not _is_time(commit_time):
+        raise ValueError(f"bad commit_time {commit_time!r}")
+    if not _is_uint(db_checksum):
+        raise ValueError(f"bad db_checksum {db_checksum!r}")
+
+
+class _Writer:
+    """Shared plumbing: compressor, spool, lifecycle."""
+
+    def __init__(self, generation, page_size, codec, level, spool_dir, spool_memory, threads=0):
+        _check_common(generation, page_size, codec, level)
+        self.generation, self.page_size, self.codec = generation, page_size, codec
+        self.level = level if codec == "zstd" else 0
+        self._spool = _Spool(spool_dir, spool_memory)
+        self._cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj() if codec == "zstd" else None
+        self._raw = 0
+        self._state = "open"  # open | failed | finished | closed
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"writer is {self._state}")
+
+    def _put(self, data: bytes | bytearray | memoryview) -> None:
+        self._spool.write(self._cobj.compress(data) if self._cobj is not None else data)
+
+    def _finish(self, kind: str, first: int, last: int, txns: list[TxnInfo], created: float | None) -> EncodedArtefact:
+        if self._cobj is not None:
+            self._spool.write(self._cobj.flush())
+        self._spool.seal()
+        header = ArtefactHeader(
+            kind=kind,
+            generation=self.generation,
+            first_txid=first,
+            last_txid=last,
+            page_size=self.page_size,
+            codec=self.codec,
+            level=self.level,
+            created=float(time.time() if created is None else created),
+            payload_length=self._spool.size,
+            payload_checksum=self._spool.checksum,
+            raw_length=self._raw,
+            txns=tuple(txns),
+        )
+        try:
+            art = EncodedArtefact(header, self._spool)
+        except Exception:
+            self.close()
+            raise
+        self._state = "finished"
+        return art
+
+    def close(self) -> None:
+        """Discard an unfinished artefact (a finished one belongs to its EncodedArtefact)."""
+        if self._state != "finished":
+            self._spool.close()
+            self._state = "closed"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SegmentWriter(_Writer):
+    """Builds one segment; the encoded payload is spooled in memory up to spool_memory bytes,
+    then to a temp file in spool_dir."""
+
+    def __init__(
+        self,
+        generation: str,
+        page_size: int,
+        *,
+        codec: str = "zstd",
+        level: int = 3,
+        spool_dir: str | os.PathLike | None = None,
+        spool_memory: int = 8 << 20,
+    ):
+        super().__init__(generation, page_size, codec, level, spool_dir, spool_memory)
+        self._txns: list[TxnInfo] = []
+        self._batch = bytearray()
+
+    @property
+    def txn_count(self) -> int:
+        return len(self._txns)
+
+    @property
+    def raw_length(self) -> int:
+        """Uncompressed body bytes so far (for size-based cutting)."""
+        return self._raw + len(self._batch)
+
+    def add_txn(
+        self,
+        txid: int,
+        pages: Iterable[tuple[int, bytes | bytearray | memoryview]],
+        *,
+        db_pages: int,
+        commit_time: float,
+        db_checksum: int,
+    ) -> None:
+        """Append one transaction. pages: (page number, image), sorted, unique, page_size each.
+
+        A ValueError part-way through leaves the writer failed (its payload is unusable).
+        """
+        self._check_open()
+        if self._txns:
+            if txid != self._txns[-1].txid + 1:
+                raise ValueError(f"txid {txid} does not follow {self._txns[-1].txid}")
+        elif not _is_uint(txid):
+            raise ValueError(f"bad txid {txid!r}")
+        _check_position(db_pages, commit_time, db_checksum)
+        self._state = "failed"  # until the whole transaction is in
+        psize, batch, pack = self.page_size, self._batch, _PGNO.pack
+        prev = count = 0
+        for pgno, data in pages:
+            if type(pgno) is not int or not prev < pgno <= MAX_PAGE_NUMBER:
+                raise ValueError(f"txid {txid}: page number {pgno!r} after {prev} (must increase, 1..{MAX_PAGE_NUMBER})")
+            if len(data) != psize or (isinstance(data, memoryview) and data.nbytes != psize):
+                raise ValueError(f"txid {txid}: page {pgno} has {len(data)} bytes, not {psize}")
+            batch += pack(pgno)
+            batch += data
+            if len(batch) >= _BATCH:
+                self._flush_batch()
+            prev = pgno
+            count += 1
+        self._txns.append(TxnInfo(txid, count, db_pages, float(commit_time), db_checksum))
+        self._state = "open"
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            self._put(self._batch)
+            self._raw += len(self._batch)
+            self._batch.clear()
+
+    def finish(self, created: float | None = None) -> EncodedArtefact:
+        """Seal the segment. An empty segment (no transactions) is a ValueError."""
+        self._check_open()
+        if not self._txns:
+            raise ValueError("empty segment: add at least one transaction")
+        self._flush_batch()
+        return self._finish(SEGMENT, self._txns[0].txid, self._txns[-1].txid, self._txns, created)
+
+
+class SnapshotWriter(_Writer):
+    """Builds one snapshot from the raw database image, written in page order from page 1."""
+
+    def __init__(
+        self,
+        generation: str,
+        txid: int,
+        page_size: int,
+        *,
+        codec: str = "zstd",
+        level: int = 3,
+        spool_dir: str | os.PathLike | None = None,
+        spool_memory: int = 8 << 20,
+        threads: int = 0,
+    ):
+        if not _is_uint(txid):
+            raise ValueError(f"bad txid {txid!r}")
+        super().__init__(generation, page_size, codec, level, spool_dir, spool_memory, threads)
+        self.txid = txid
+        self._checksum = 0
+
+    @property
+    def pages_written(self) -> int:
+        return self._raw // self.page_size
+
+    @property
+    def db_checksum(self) -> int:
+        """Checksum of the pages written so far."""
+        return self._checksum
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append consecutive raw pages (any whole number of pages)."""
+        self._check_open()
+        mv = memoryview(data).cast("B")
+        if mv.nbytes % self.page_size:
+            raise ValueError(f"{mv.nbytes} bytes is not a whole number of {self.page_size}-byte pages")
+        self._checksum ^= db_checksum_of_image(mv, self.page_size, first_page=self.pages_written + 1)
+        self._state = "failed"
+        for off in range(0, mv.nbytes, 4 * _BATCH):
+            self._put(mv[off : off + 4 * _BATCH])
+        self._raw += mv.nbytes
+        self._state = "open"
+
+    def finish(
+        self,
+        *,
+        db_pages: int,
+        commit_time: float,
+        db_checksum: int | None = None,
+        created: float | None = None,
+    ) -> EncodedArtefact:
+        """Seal the snapshot. db_checksum, if given, must equal the checksum of the pages written."""
+        self._check_open()
+        checksum = self._checksum if db_checksum is None else db_checksum
+        _check_position(db_pages, commit_time, checksum)
+        if db_pages * self.page_size != self._raw:
+            raise ValueError(f"db_pages {db_pages} but {self.pages_written} pages were written")
+        if checksum != self._checksum:
+            raise ValueError("db_checksum does not match the pages written")
+        txn = TxnInfo(self.txid, db_pages, db_pages, float(commit_time), checksum)
+        return self._finish(SNAPSHOT, self.txid, self.txid, [txn], created)
+
+
+# ---------------------------------------------------------------------------- whole-buffer helpers
+
+
+def encode_segment(
+    generation: str,
+    page_size: int,
+    txns: Iterable[tuple],
+    *,
+    codec: str = "zstd",
+    level: int = 3,
+    created: float | None = None,
+) -> bytes:
+    """A whole segment as bytes. Each txn is (txid, db_pages, commit_time, db_checksum, pages),
+    (txid, page_count, db_pages, commit_time, db_checksum, pages) or (TxnInfo, pages)."""
+    with SegmentWriter(generation, page_size, codec=codec, level=level, spool_memory=1 << 62) as w:
+        for t in txns:
+            if len(t) == 2 and isinstance(t[0], TxnInfo):
+                info, pages = t
+                txid, count, db_pages, commit_time, db_checksum = (
+                    info.txid, info.page_count, info.db_pages, info.commit_time, info.db_checksum)
+            elif len(t) == 6:
+                txid, count, db_pages, commit_time, db_checksum, pages = t
+            else:
+                txid, db_pages, commit_time, db_checksum, pages = t
+                count = None
+            pages = list(pages)
+            if count is not None and count != len(pages):
+                raise ValueError(f"txid {txid}: page_count {count} but {len(pages)} pages")
+            w.add_txn(txid, pages, db_pages=db_pages, commit_time=commit_time, db_checksum=db_checksum)
+        with w.finish(created) as art:
+            return art.to_bytes()
+
+
+def encode_snapshot(
+    generation: str,
+    txid: int,
+    page_size: int,
+    image: bytes | bytearray | memoryview,
+    *,
+    commit_time: float,
+    db_checksum: int | None = None,
+    codec: str = "zstd",
+    level: int = 3,
+    created: float | None = None,
+) -> bytes:
+    """A whole snapshot of image as bytes (db_checksum defaults to the image's own)."""
+    mv = memoryview(image).cast("B")
+    with SnapshotWriter(generation, txid, page_size, codec=codec, level=level, spool_memory=1 << 62) as w:
+        w.write(mv)
+        with w.finish(
+            db_pages=mv.nbytes // page_size, commit_time=commit_time, db_checksum=db_checksum, created=created
+        ) as art:
+            return art.to_bytes()
+
+
+def decode(buf: bytes | bytearray | memoryview) -> tuple[ArtefactHeader, bytes]:
+    """A whole artefact to (header, raw body), fully verified (segment structure included)."""
+    mv = memoryview(buf).cast("B")
+    header = parse_header_bytes(mv)
+    f = io.BytesIO(mv[header_end(mv) :])
+    chunks: list[bytes] = []
+
+    def collect() -> Iterator[bytes]:
+        for c in iter_body(f, header):
+            chunks.append(c)
+            yield c
+
+    if header.kind == SEGMENT:
+        for _ in _segment_pages(header, collect()):
+            pass
+    else:
+        for _ in collect():
+            pass
+    return header, b"".join(chunks)

@@ -1,0 +1,692 @@
+"""Capture: tail one database's WAL into the shadow log.
+
+Every committed transaction becomes part of a segment; a generation starts with a snapshot
+whenever continuity with the previous position cannot be proven. The agent holds a read
+transaction (the pin) so the WAL cannot be reset while it reads, and it owns checkpointing.
+
+Continuity across a WAL restart (someone's checkpoint reset the WAL: salt-1 goes up by one
+and frames are written again from the start of the file) is proven when the old
+incarnation's remaining frames can still be read: they continue the checksum chain from our
+position with the old salts, and the new incarnation has not yet written as far as our
+position. Anything else (salts that jumped, a truncated WAL we did not truncate, frames
+overwritten) starts a new generation; capture never stitches across a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import xxhash
+
+from replicator import keys
+from replicator.artefact import SegmentWriter, SnapshotWriter, page_hash
+from replicator.config import DbConfig
+from replicator.shadow import CaptureState, ShadowLog, WalPosition
+from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
+from replicator.walindex import WalIndexHeader
+from replicator.walreader import (
+    ChainPos,
+    FrameInfo,
+    WalError,
+    WalHeader,
+    frame_offset,
+    parse_wal_header,
+    read_page,
+    scan_frames,
+)
+
+MAX_SEGMENT_TXNS = 4096
+MAX_SEGMENT_PAGES = 16384
+_MASK32 = 0xFFFFFFFF
+
+
+class CaptureError(Exception):
+    """Capture cannot continue for a reason the operator must see (one line)."""
+
+
+@dataclass
+class Txn:
+    """One committed transaction read from the WAL: page -> frame index (last copy wins)."""
+
+    pages: dict[int, int]
+    commit: FrameInfo
+
+
+def group_transactions(frames: list[FrameInfo]) -> tuple[list[Txn], FrameInfo | None]:
+    """Split valid frames into whole transactions; frames after the last commit are dropped."""
+    txns: list[Txn] = []
+    pending: dict[int, int] = {}
+    last_commit = None
+    for f in frames:
+        pending[f.pgno] = f.index
+        if f.is_commit:
+            txns.append(Txn(pending, f))
+            pending = {}
+            last_commit = f
+    return txns, last_commit
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000)
+
+
+class Capture:
+    """Tails one database into its shadow log and hands new artefacts to `publish`."""
+
+    def __init__(
+        self,
+        cfg: DbConfig,
+        *,
+        publish: Callable[[keys.ArtefactKey], None] = lambda key: None,
+        log=None,
+        clock: Callable[[], float] = time.time,
+    ):
+        from replicator import logs
+
+        self.cfg = cfg
+        self.publish = publish
+        self.clock = clock
+        self.log = log or logs.get(db=str(cfg.path))
+        self.shadow = ShadowLog(cfg.shadow_dir)
+        self.sql = SqliteAccess(cfg.path)
+        self.state: CaptureState | None = None
+        self.wal_pages: dict[int, int] = {}
+        self.opened = False
+        self.last_checkpoint = time.monotonic()
+        self.last_snapshot = time.monotonic()
+        self._own_truncate: tuple[int, int] | None = None  # (salt1, frames) of our last TRUNCATE
+        self._wal_fd: int | None = None
+        self._wal_ino: int | None = None
+        self._zero_hash: dict[int, int] = {}
+        self.rotations: dict[str, int] = {}
+
+    # -- life cycle -------------------------------------------------------------------------
+    def open(self) -> bool:
+        """Open the database and resume (or start) a generation; False while unavailable."""
+        if self.opened:
+            return True
+        try:
+            self.sql.open()
+        except DatabaseUnavailable as e:
+            self.log.warning("database unavailable", reason=str(e))
+            return False
+        self.opened = True
+        self._resume()
+        return True
+
+    def close(self) -> None:
+        self.sql.close()
+        self.shadow.hashes.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self.opened = False
+
+    # -- the WAL file -----------------------------------------------------------------------
+    def _fd(self) -> int | None:
+        """An fd on the current -wal file, reopened if the file was replaced."""
+        try:
+            st = os.stat(self.sql.wal_path)
+        except FileNotFoundError:
+            return None
+        if self._wal_fd is None or st.st_ino != self._wal_ino:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+            self._wal_fd = os.open(self.sql.wal_path, os.O_RDONLY)
+            self._wal_ino = st.st_ino
+        return self._wal_fd
+
+    def _file_header(self) -> WalHeader | None:
+        fd = self._fd()
+        if fd is None:
+            return None
+        try:
+            h = parse_wal_header(os.pread(fd, 32, 0))
+        except WalError:
+            return None
+        return h if h is not None and h.valid else None
+
+    # -- resume -----------------------------------------------------------------------------
+    def _resume(self) -> None:
+        state = self.shadow.load_state()
+        if state is None:
+            self.start_generation("initial")
+            return
+        problem = self._load_hashes(state)
+        if problem:
+            self.start_generation(problem)
+            return
+        self.state = state
+        view = self.sql.pin()
+        if state.wal is None or view is None:
+            self.start_generation("no-wal-position")
+            return
+        if view.salts == (state.wal.salt1, state.wal.salt2):
+            header = self._file_header()
+            if state.wal.index == 0:
+                self.wal_pages = {}
+            elif header is None or header.salts != view.salts or not self._rebuild_wal_pages(header, state.wal):
+                self.start_generation("wal-mismatch")
+                return
+        self.log.info("resumed", generation=state.generation, txid=state.txid)
+        self.step()
+
+    def _load_hashes(self, state: CaptureState) -> str | None:
+        """Open the page-hash table at state's position, replaying shadow segments it lags."""
+        loaded = self.shadow.hashes.load()
+        if loaded is None or loaded[0] != state.generation:
+            return "shadow-mismatch"
+        _, txid = loaded
+        if txid > state.txid:
+            return "shadow-mismatch"
+        if txid < state.txid:
+            from replicator.artefact import iter_segment_pages, read_header
+
+            needed = [a for a in self.shadow.list() if a.generation == state.generation and a.kind == keys.SEGMENT and a.last_txid > txid]
+            changes: dict[int, int] = {}
+            db_pages = None
+            at = txid
+            for a in needed:
+                if a.first_txid > at + 1:
+                    return "shadow-mismatch"
+                with open(self.shadow.path_of(a.key), "rb") as f:
+                    header = read_header(f)
+                    for txn, pgno, data in iter_segment_pages(f, header):
+                        if txn.txid <= txid or txn.txid > state.txid:
+                            continue
+                        changes[pgno] = page_hash(pgno, data)
+                    for t in header.txns:
+                        if txid < t.txid <= state.txid:
+                            db_pages = t.db_pages
+                at = a.last_txid
+            if at < state.txid or db_pages is None:
+                return "shadow-mismatch"
+            self.shadow.hashes.update(changes, db_pages)
+            self.shadow.hashes.set_position(state.generation, state.txid)
+        if self.shadow.hashes.checksum(state.db_pages) != state.db_checksum:
+            return "shadow-mismatch"
+        return None
+
+    def _rebuild_wal_pages(self, header: WalHeader, pos: WalPosition) -> bool:
+        fd = self._fd()
+        if fd is None:
+            return False
+        pages: dict[int, int] = {}
+        last = None
+        for f in scan_frames(fd, header, ChainPos.start(header), end_index=pos.index):
+            pages[f.pgno] = f.index
+            last = f
+        if last is None or last.index != pos.index or (last.chain.checksum1, last.chain.checksum2) != (pos.checksum1, pos.checksum2):
+            return False
+        self.wal_pages = pages
+        return True
+
+    # -- the main step ----------------------------------------------------------------------
+    def step(self) -> int:
+        """Capture whatever was committed since the last step; returns transactions captured."""
+        if not self.open():
+            return 0
+        assert self.state is not None
+        view = self.sql.index.read()
+        if view is not None and not self.sql.pinned and view.mx_frame > view.n_backfill:
+            view = self.sql.pin()
+        if view is None:
+            return 0
+        pos = self.state.wal
+        captured = 0
+        if pos is None:
+            self.start_generation("no-wal-position")
+            return 0
+        if view.salts != (pos.salt1, pos.salt2):
+            captured += self._handle_restart(view)
+        elif view.mx_frame > pos.index:
+            captured += self._capture_to(view.mx_frame)
+        elif view.mx_frame < pos.index:
+            self.start_generation("wal-shrank")
+            return captured
+        if self.opened and not self.sql.pinned:
+            self._repin()
+        return captured
+
+    def _repin(self) -> None:
+        view = self.sql.pin()
+        if view is not None and self.state is not None and self.state.wal is not None:
+            if view.salts != (self.state.wal.salt1, self.state.wal.salt2):
+                self._handle_restart(view)
+
+    # -- reading committed frames ---------------------------------------------------------------
+    def _current_header(self, pos: WalPosition) -> WalHeader | None:
+        header = self._file_header()
+        if header is None or header.salts != (pos.salt1, pos.salt2):
+            return None
+        return header
+
+    def _chain_of(self, pos: WalPosition, header: WalHeader) -> ChainPos:
+        if pos.index == 0:
+            return ChainPos.start(header)
+        return ChainPos(pos.index, pos.checksum1, pos.checksum2)
+
+    def _capture_to(self, end_index: int) -> int:
+        """Capture frames (position, end_index] of the current incarnation."""
+        assert self.state is not None and self.state.wal is not None
+        pos = self.state.wal
+        header = self._current_header(pos)
+        if header is None:
+            self.start_generation("wal-header-changed")
+            return 0
+        fd = self._fd()
+        assert fd is not None
+        frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=end_index))
+        txns, last = group_transactions(frames)
+        if last is None or last.index != end_index:
+            # committed frames must validate; if they do not, the WAL changed under us
+            view = self.sql.index.read()
+            if view is not None and view.salts != (pos.salt1, pos.salt2):
+                return self._handle_restart(view)
+            self.start_generation("wal-invalid")
+            return 0
+        salts = (pos.salt1, pos.salt2)
+
+        def unchanged() -> bool:
+            if self.sql.pinned:
+                return True
+            again = self.sql.index.read()
+            return again is not None and again.salts == salts
+
+        if not self._emit(txns, fd, header, unchanged):
+            view = self.sql.index.read()
+            if view is not None and self.state is not None and self.state.wal is not None and view.salts != (self.state.wal.salt1, self.state.wal.salt2):
+                return self._handle_restart(view)
+            return 0
+        return len(txns)
+
+    def _emit(self, txns: list[Txn], fd: int, header: WalHeader, still_valid: Callable[[], bool] | None = None) -> bool:
+        """Write transactions as segments to the shadow log and advance the position.
+
+        still_valid is asked after the pages were read and before anything is committed:
+        when the WAL is not pinned, frames could have been overwritten while we read them.
+        Returns False (nothing more committed) when it says no.
+        """
+        chunk: list[Txn] = []
+        pages = 0
+        for t in txns:
+            if chunk and (pages + len(t.pages) > MAX_SEGMENT_PAGES or len(chunk) >= MAX_SEGMENT_TXNS):
+                if not self._write_segment(chunk, fd, header, still_valid):
+                    return False
+                chunk, pages = [], 0
+            chunk.append(t)
+            pages += len(t.pages)
+        if chunk:
+            return self._write_segment(chunk, fd, header, still_valid)
+        return True
+
+    def _write_segment(self, txns: list[Txn], fd: int, header: WalHeader, still_valid: Callable[[], bool] | None) -> bool:
+        state = self.state
+        assert state is not None
+        ps = header.page_size
+        if ps != state.page_size:
+            self.start_generation("page-size-changed")
+            return False
+        hashes = self.shadow.hashes
+        now = self.clock()
+        writer = SegmentWriter(
+            state.generation, ps, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+        )
+        changes: dict[int, int] = {}
+        cks = state.db_checksum
+        db_pages = state.db_pages
+        txid = state.txid
+
+        def old_hash(p: int) -> int:
+            if p in changes:
+                return changes[p]
+            return hashes.get(p) if p <= db_pages else 0
+
+        for t in txns:
+            txid += 1
+            page_list = []
+            for pgno in sorted(t.pages):
+                data = read_page(fd, ps, t.pages[pgno])
+                h = page_hash(pgno, data)
+                cks ^= old_hash(pgno) ^ h
+                changes[pgno] = h
+                page_list.append((pgno, data))
+            new_size = t.commit.commit
+            if new_size < db_pages:
+                for p in range(new_size + 1, db_pages + 1):
+                    cks ^= old_hash(p)
+                    changes[p] = 0
+            elif new_size > db_pages:
+                for p in range(db_pages + 1, new_size + 1):
+                    if p not in t.pages:  # never written by SQLite: the lock-byte page
+                        h = self._zero_page_hash(p, ps)
+                        cks ^= old_hash(p) ^ h
+                        changes[p] = h
+            db_pages = new_size
+            writer.add_txn(txid, page_list, db_pages=db_pages, commit_time=now, db_checksum=cks)
+        artefact = writer.finish(created=now)
+        try:
+            if still_valid is not None and not still_valid():
+                return False
+            key = keys.segment_key(state.generation, state.txid + 1, txid, _ms(now))
+            self.shadow.write(key, artefact)
+        finally:
+            artefact.close()
+        last = txns[-1].commit
+        wal = WalPosition(
+            salt1=header.salt1,
+            salt2=header.salt2,
+            index=last.index,
+            checksum1=last.chain.checksum1,
+            checksum2=last.chain.checksum2,
+            big_endian=header.big_endian,
+            page_size=ps,
+        )
+        self.state = replace(state, txid=txid, db_pages=db_pages, db_checksum=cks, commit_time=now, wal=wal)
+        self.shadow.save_state(self.state)
+        hashes.update(changes, db_pages)
+        hashes.set_position(state.generation, txid)
+        for t in txns:
+            self.wal_pages.update(t.pages)
+        parsed = keys.parse_key(key)
+        assert parsed is not None
+        self.log.debug("segment written", key=key, txns=len(txns))
+        self.publish(parsed)
+        return True
+
+    def _zero_page_hash(self, pgno: int, page_size: int) -> int:
+        h = self._zero_hash.get(pgno)
+        if h is None:
+            h = self._zero_hash[pgno] = page_hash(pgno, bytes(page_size))
+        return h
+
+    # -- WAL restarts ---------------------------------------------------------------------------
+    def _handle_restart(self, view: WalIndexHeader) -> int:
+        """The WAL was restarted since our position: prove continuity or rotate."""
+        assert self.state is not None and self.state.wal is not None
+        pos = self.state.wal
+        new_salt1 = view.salts[0]
+        if new_salt1 != (pos.salt1 + 1) & _MASK32:
+            self.start_generation("wal-reset")
+            return 0
+        fd = self._fd()
+        if fd is None:
+            self.start_generation("wal-missing")
+            return 0
+        size = os.fstat(fd).st_size
+        captured = 0
+        old_header = WalHeader(
+            big_endian=pos.big_endian,
+            page_size=pos.page_size,
+            ckpt_seq=0,
+            salt1=pos.salt1,
+            salt2=pos.salt2,
+            checksum1=0,
+            checksum2=0,
+            valid=True,
+        )
+        generation = self.state.generation
+        if size < frame_offset(pos.index + 1, pos.page_size):
+            # the file was truncated: only our own TRUNCATE that saw exactly our frames is safe
+            if self._own_truncate != (pos.salt1, pos.index):
+                self.start_generation("wal-truncated")
+                return 0
+            tail: list[FrameInfo] = []
+        else:
+            if pos.index == 0:
+                file_header = self._file_header()
+                if file_header is None or file_header.salts != (pos.salt1, pos.salt2):
+                    self.start_generation("wal-reset")
+                    return 0
+                start = ChainPos.start(file_header)
+            else:
+                start = ChainPos(pos.index, pos.checksum1, pos.checksum2)
+            tail = list(scan_frames(fd, old_header, start))
+        txns, last = group_transactions(tail)
+
+        def tail_intact() -> bool:
+            # the new incarnation must not have reached past our position while we read
+            new_phys = self._count_frames_with_salts(fd, view.salts, pos.page_size, pos.index + 1)
+            again = self.sql.index.read()
+            return new_phys <= pos.index and again is not None and again.salts == view.salts
+
+        if not tail_intact():
+            self.start_generation("wal-overwritten")
+            return 0
+        if txns:
+            if not self._emit(txns, fd, old_header, tail_intact):
+                if self.state.generation == generation:
+                    self.start_generation("wal-overwritten")
+                return 0
+            captured += len(txns)
+            if self.state.generation != generation:
+                return captured
+        # switch to the new incarnation: position 0, chain from its header once written
+        self._own_truncate = None
+        self.state = replace(
+            self.state,
+            wal=WalPosition(
+                salt1=view.salts[0],
+                salt2=view.salts[1],
+                index=0,
+                checksum1=0,
+                checksum2=0,
+                big_endian=pos.big_endian,
+                page_size=pos.page_size,
+            ),
+        )
+        self.shadow.save_state(self.state)
+        self.wal_pages = {}
+        self.log.debug("wal restarted", salt1=view.salts[0], tail_txns=len(txns))
+        view2 = self.sql.index.read()
+        if view2 is not None and view2.salts == view.salts and view2.mx_frame > 0:
+            captured += self._capture_to(view2.mx_frame)
+        return captured
+
+    def _count_frames_with_salts(self, fd: int, salts: tuple[int, int], page_size: int, limit: int) -> int:
+        """How many frames from the start of the file carry these salts (up to limit)."""
+        n = 0
+        while n < limit:
+            buf = os.pread(fd, 24, frame_offset(n + 1, page_size))
+            if len(buf) < 24 or (int.from_bytes(buf[8:12], "big"), int.from_bytes(buf[12:16], "big")) != salts:
+                break
+            n += 1
+        return n
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def maybe_checkpoint(self) -> CheckpointResult | None:
+        """Run the checkpoint the thresholds call for, if any."""
+        if not self.opened or self.state is None or self.state.wal is None:
+            return None
+        frames = self.state.wal.index
+        cfg = self.cfg
+        mode = None
+        if cfg.truncate_page_count and frames >= cfg.truncate_page_count and time.monotonic() - self.last_checkpoint >= 1.0:
+            mode = "TRUNCATE"
+        elif frames >= cfg.min_checkpoint_page_count and time.monotonic() - self.last_checkpoint >= 1.0:
+            mode = "PASSIVE"
+        elif cfg.checkpoint_interval and frames > 0 and time.monotonic() - self.last_checkpoint >= cfg.checkpoint_interval:
+            mode = "PASSIVE"
+        if mode is None:
+            return None
+        return self.checkpoint(mode)
+
+    def checkpoint(self, mode: str) -> CheckpointResult:
+        """Capture everything, checkpoint with the pin released, re-pin and follow a restart."""
+        self.step()
+        assert self.state is not None and self.state.wal is not None
+        before = self.state.wal
+        result = self.sql.checkpoint(mode)
+        if mode == "TRUNCATE" and not result.busy and result.wal_frames == before.index == result.checkpointed:
+            self._own_truncate = (before.salt1, before.index)
+        self.last_checkpoint = time.monotonic()
+        self.log.debug("checkpoint", mode=mode, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed)
+        self._repin()
+        self.step()
+        return result
+
+    # -- snapshots and generations ----------------------------------------------------------------
+    def maybe_snapshot(self) -> bool:
+        if not self.opened or not self.cfg.snapshot_interval:
+            return False
+        if time.monotonic() - self.last_snapshot < self.cfg.snapshot_interval:
+            return False
+        self.snapshot()
+        return True
+
+    def _pinned_view_and_frames(self) -> tuple[WalIndexHeader, WalHeader | None, list[FrameInfo]] | None:
+        """Pin and read the frames 1..V of the pinned view (V = its mx_frame)."""
+        view = self.sql.pin()
+        if view is None:
+            return None
+        if view.mx_frame == 0:
+            return view, self._file_header(), []
+        header = self._file_header()
+        if header is None or header.salts != view.salts:
+            return None
+        fd = self._fd()
+        assert fd is not None
+        frames = list(scan_frames(fd, header, ChainPos.start(header), end_index=view.mx_frame))
+        if not frames or frames[-1].index != view.mx_frame or not frames[-1].is_commit:
+            return None
+        return view, header, frames
+
+    def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink) -> np.ndarray:
+        """Stream the database image at the pinned view to sink; returns per-page hashes."""
+        hashes = np.zeros(db_pages, dtype=np.uint64)
+        chunk_pages = max(1, (4 << 20) // page_size)
+        wal_fd = self._fd()
+        overlay_sorted = sorted(overlay)
+        oi = 0
+        dbfd = os.open(self.cfg.path, os.O_RDONLY)
+        try:
+            for first in range(1, db_pages + 1, chunk_pages):
+                n = min(chunk_pages, db_pages - first + 1)
+                buf = bytearray(os.pread(dbfd, n * page_size, (first - 1) * page_size))
+                if len(buf) < n * page_size:
+                    buf.extend(bytes(n * page_size - len(buf)))
+                while oi < len(overlay_sorted) and overlay_sorted[oi] < first + n:
+                    p = overlay_sorted[oi]
+                    if p >= first:
+                        assert wal_fd is not None
+                        off = (p - first) * page_size
+                        buf[off : off + page_size] = read_page(wal_fd, page_size, overlay[p])
+                    oi += 1
+                mv = memoryview(buf)
+                h = xxhash.xxh3_64_intdigest
+                hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
+                sink(mv)
+        finally:
+            os.close(dbfd)
+        return hashes
+
+    def start_generation(self, reason: str) -> None:
+        """Begin a new generation with a snapshot of the database at the pinned view."""
+        for _ in range(20):
+            got = self._pinned_view_and_frames()
+            if got is None:
+                time.sleep(0.01)
+                continue
+            view, header, frames = got
+            page_size = header.page_size if header is not None else self.sql.page_size
+            if frames:
+                db_pages = frames[-1].commit
+            else:
+                db_pages = os.stat(self.cfg.path).st_size // page_size
+            overlay = {}
+            for f in frames:
+                overlay[f.pgno] = f.index
+            now = self.clock()
+            generation = keys.new_generation_id(now)
+            writer = SnapshotWriter(
+                generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+            )
+            try:
+                hashes = self._read_image(page_size, db_pages, overlay, writer.write)
+                if not self.sql.pinned:
+                    after = self.sql.index.read()
+                    if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
+                        writer.close() if hasattr(writer, "close") else None
+                        continue
+                cks = int(np.bitwise_xor.reduce(hashes)) if db_pages else 0
+                artefact = writer.finish(db_pages=db_pages, commit_time=now, db_checksum=cks, created=now)
+            except BaseException:
+                raise
+            key = keys.snapshot_key(generation, 0, _ms(now))
+            try:
+                self.shadow.write(key, artefact)
+            finally:
+                artefact.close()
+            if frames:
+                last = frames[-1]
+                wal = WalPosition(view.salts[0], view.salts[1], last.index, last.chain.checksum1, last.chain.checksum2, header.big_endian, page_size)
+            else:
+                big = header.big_endian if header is not None else False
+                wal = WalPosition(view.salts[0], view.salts[1], 0, 0, 0, big, page_size)
+            self.shadow.hashes.reset(generation, 0, hashes)
+            self.state = CaptureState(generation, 0, page_size, db_pages, cks, now, wal)
+            self.shadow.save_state(self.state)
+            self.wal_pages = overlay
+            self._own_truncate = None
+            self.last_snapshot = time.monotonic()
+            self.rotations[reason] = self.rotations.get(reason, 0) + 1
+            self.log.info("generation started", generation=generation, reason=reason, pages=db_pages)
+            parsed = keys.parse_key(key)
+            assert parsed is not None
+            self.publish(parsed)
+            return
+        raise CaptureError(f"could not take a consistent snapshot of {self.cfg.path}: the WAL kept changing")
+
+    def snapshot(self) -> keys.ArtefactKey | None:
+        """Take a snapshot of the current generation at the current position."""
+        for _ in range(20):
+            self.step()
+            assert self.state is not None and self.state.wal is not None
+            got = self._pinned_view_and_frames()
+            if got is None:
+                time.sleep(0.01)
+                continue
+            view, header, frames = got
+            pos = self.state.wal
+            if view.salts != (pos.salt1, pos.salt2):
+                self._handle_restart(view)
+                continue
+            if view.mx_frame > pos.index:
+                self._capture_to(view.mx_frame)
+            state = self.state
+            if state.wal is None or state.wal.index != view.mx_frame or view.salts != (state.wal.salt1, state.wal.salt2):
+                continue
+            now = self.clock()
+            writer = SnapshotWriter(
+                state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+            )
+            hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), writer.write)
+            if not self.sql.pinned:
+                after = self.sql.index.read()
+                if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
+                    writer.close() if hasattr(writer, "close") else None
+                    continue
+            cks = int(np.bitwise_xor.reduce(hashes)) if state.db_pages else 0
+            if cks != state.db_checksum:
+                writer.close() if hasattr(writer, "close") else None
+                self.log.error("database checksum does not match the captured history; starting a new generation",
+                               expected=state.db_checksum, actual=cks)
+                self.start_generation("checksum-mismatch")
+                return None
+            artefact = writer.finish(db_pages=state.db_pages, commit_time=state.commit_time, db_checksum=cks, created=now)
+            key = keys.snapshot_key(state.generation, state.txid, _ms(now))
+            try:
+                self.shadow.write(key, artefact)
+            finally:
+                artefact.close()
+            self.last_snapshot = time.monotonic()
+            parsed = keys.parse_key(key)
+            assert parsed is not None
+            self.log.info("snapshot written", generation=state.generation, txid=state.txid)
+            self.publish(parsed)
+            return parsed
+        raise CaptureError(f"could not take a consistent snapshot of {self.cfg.path}: the WAL kept changing")

@@ -1,0 +1,356 @@
+"""The `replicator` command line: a thin skin over the library.
+
+    replicator replicate [-c FILE] [DB_PATH REPLICA_URL] [--exec CMD]
+    replicator restore [-c FILE] [-o OUT] [options] DB_PATH|REPLICA_URL
+    replicator generations|snapshots|segments [-c FILE] [--json] DB_PATH|REPLICA_URL
+    replicator demo [--dir DIR] [--seconds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from replicator import __version__, logs
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UserError(Exception):
+    """An error caused by input the user can fix; printed as one line, exit code 2."""
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _parse_time(value: str) -> float:
+    v = value.strip()
+    if v.endswith("Z") or v.endswith("z"):
+        v = v[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid RFC 3339 time {value!r} (e.g. 2026-11-22T10:00:00Z)") from None
+    if dt.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"time {value!r} needs a zone (e.g. Z or +01:00)")
+    return dt.timestamp()
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return n
+
+
+# -- targets: a replica URL or a database in the config ----------------------------------------
+def _is_url(arg: str) -> bool:
+    return "://" in arg
+
+
+def _load_config(path: str | None):
+    from replicator.config import load_config
+
+    return load_config(path)
+
+
+def _replicas_for(args) -> list[tuple[str, object]]:
+    """(name, replica config or URL) candidates for a DB_PATH|REPLICA_URL argument."""
+    target = args.target
+    if _is_url(target):
+        if args.replica:
+            raise UserError("--replica names a replica in the config; it cannot be used with a replica URL")
+        return [(target.split("://", 1)[0], target)]
+    from replicator.config import find_db
+
+    config = _load_config(args.config)
+    db = find_db(config, target)
+    replicas = list(db.replicas)
+    if args.replica:
+        replicas = [r for r in replicas if r.name == args.replica]
+        if not replicas:
+            raise UserError(f"database {db.path} has no replica named {args.replica!r} (it has: {', '.join(r.name for r in db.replicas)})")
+    return [(r.name, r) for r in replicas]
+
+
+def _open(spec):
+    from replicas import RetryingDriver, open_driver
+
+    if isinstance(spec, str):
+        return RetryingDriver(open_driver(spec), attempts=3)
+    from replicator.controller import open_replica
+
+    return open_replica(spec)
+
+
+# -- replicate ------------------------------------------------------------------------------------
+def cmd_replicate(args) -> int:
+    from replicator.config import adhoc_config
+    from replicator.controller import Agent
+
+    if args.db and args.url:
+        config = adhoc_config(args.db, args.url)
+    elif args.db or args.url:
+        raise UserError("give both DB_PATH and REPLICA_URL, or -c FILE")
+    else:
+        config = _load_config(args.config)
+    for w in config.warnings:
+        logs.get().warning(w)
+    stop = threading.Event()
+    child = None
+
+    def on_signal(signum, frame):
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+        else:
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = Agent(config)
+    agent.start()
+    code = EXIT_OK
+    if args.exec:
+        import shlex
+        import subprocess
+
+        child = subprocess.Popen(shlex.split(args.exec))
+        while child.poll() is None:
+            time.sleep(0.1)
+        code = child.returncode
+    else:
+        while not stop.wait(0.5):
+            pass
+    logs.get().info("shutting down: shipping what is committed")
+    caught_up = agent.stop()
+    if not caught_up:
+        logs.get().warning("some replicas were not caught up at shutdown; the shadow log keeps the rest for next start")
+    return code
+
+
+# -- restore --------------------------------------------------------------------------------------
+def cmd_restore(args) -> int:
+    from replicas import StorageError
+    from replicator.restore import RestoreError, list_artefacts, restore
+    from replicator.restore_plan import PlanError, RestoreTarget, plan_restore
+
+    log = logs.get()
+    if args.txid is not None and args.timestamp is not None:
+        raise UserError("use either --txid or --timestamp, not both")
+    if _is_url(args.target):
+        if not args.output:
+            raise UserError("restoring from a replica URL needs -o OUT")
+        output = Path(args.output)
+    else:
+        output = Path(args.output or args.target)
+    output = output.absolute()
+    if args.if_db_not_exists and output.exists():
+        log.info("database exists; nothing to do", path=str(output))
+        return EXIT_OK
+    if output.exists() and not args.force and not args.dry_run:
+        raise UserError(f"{output} already exists (use --force to replace it, or --if-db-not-exists)")
+    target = RestoreTarget(generation=args.generation, txid=args.txid, timestamp=args.timestamp)
+    candidates = _replicas_for(args)
+    # pick the replica with the newest restorable position; fall back when one is unreachable
+    best = None
+    errors = []
+    for name, spec in candidates:
+        try:
+            driver = _open(spec)
+            listing = list_artefacts(driver)
+        except StorageError as e:
+            errors.append(f"{name}: {e}")
+            log.warning("replica unreachable; trying another", replica=name, error=str(e))
+            continue
+        if not listing:
+            errors.append(f"{name}: holds no generations")
+            continue
+        try:
+            plan = plan_restore(listing, target)
+        except PlanError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        end = plan.target_txid if plan.target_txid is not None else plan.last_txid
+        rank = (plan.generation, end)
+        if best is None or rank > best[0]:
+            best = (rank, name, driver, plan)
+    if best is None:
+        if args.if_replica_exists and all("holds no generations" in e for e in errors):
+            log.info("no replica holds a backup; nothing to restore")
+            return EXIT_OK
+        raise RestoreError("nothing to restore: " + "; ".join(errors) if errors else "nothing to restore")
+    _, name, driver, plan = best
+    if args.dry_run:
+        print(f"replica:    {name}")
+        print(f"generation: {plan.generation}")
+        print(f"snapshot:   {plan.snapshot.key}")
+        for seg in plan.segments:
+            print(f"segment:    {seg.key}")
+        if plan.target_txid is not None:
+            print(f"target:     txid {plan.target_txid}")
+        elif plan.target_time is not None:
+            print(f"target:     {_iso(plan.target_time)}")
+        else:
+            print(f"target:     latest (txid {plan.last_txid})")
+        for note in plan.notes:
+            print(f"note:       {note}")
+        print(f"output:     {output}")
+        return EXIT_OK
+    for note in plan.notes:
+        log.warning(note)
+    started = time.monotonic()
+    result = restore(driver, output, restore_plan=plan, force=args.force)
+    log.info(
+        "restored",
+        path=str(output),
+        replica=name,
+        generation=plan.generation,
+        txid=result.txid,
+        pages=result.db_pages,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return EXIT_OK
+
+
+# -- listings -------------------------------------------------------------------------------------
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_list(args) -> int:
+    from replicator.restore import list_artefacts
+    from replicator.restore_plan import generation_summary
+    from replicator import keys
+
+    rows: list[dict] = []
+    for name, spec in _replicas_for(args):
+        driver = _open(spec)
+        listing = list_artefacts(driver)
+        if args.generation:
+            listing = [a for a in listing if a.generation == args.generation]
+        if args.command == "generations":
+            for g in generation_summary(listing):
+                rows.append({
+                    "replica": name, "generation": g.generation, "snapshots": g.snapshot_count, "segments": g.segment_count,
+                    "first_txid": g.first_txid, "last_txid": g.last_txid, "created": _iso(g.created), "updated": _iso(g.updated),
+                    "restorable": g.is_restorable,
+                })
+        else:
+            kind = keys.SNAPSHOT if args.command == "snapshots" else keys.SEGMENT
+            sizes = {}
+            for info in driver.list(keys.GENERATIONS + "/"):
+                sizes[info.key] = info.size
+            for a in listing:
+                if a.kind != kind:
+                    continue
+                row = {"replica": name, "generation": a.generation}
+                if kind == keys.SNAPSHOT:
+                    row.update(txid=a.last_txid, time=_iso(a.time))
+                else:
+                    row.update(first_txid=a.first_txid, last_txid=a.last_txid, last_commit=_iso(a.time))
+                row.update(size=sizes.get(a.key, 0), key=a.key)
+                rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        if rows:
+            print(_table(rows, list(rows[0].keys())))
+        else:
+            print(f"no {args.command} found")
+    return EXIT_OK
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from replicator.demo import run_demo
+
+    return run_demo(Path(args.dir), seconds=args.seconds, rate=args.rate)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replicator", description="Continuous replication of SQLite databases, with verified point-in-time restore.")
+    parser.add_argument("--version", action="version", version=f"replicator {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    common.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("replicate", parents=[common], help="replicate databases continuously (foreground)")
+    p.add_argument("-c", "--config", help="config file (default $REPLICATOR_CONFIG or /etc/replicator.yml)")
+    p.add_argument("db", nargs="?", metavar="DB_PATH")
+    p.add_argument("url", nargs="?", metavar="REPLICA_URL")
+    p.add_argument("--exec", metavar="CMD", help="run CMD as a child; stop when it exits and exit with its code")
+    p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("restore", parents=[common], help="restore a database from a replica")
+    p.add_argument("-c", "--config")
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the database (default: DB_PATH)")
+    p.add_argument("--replica", metavar="NAME", help="restore from this named replica of the config")
+    p.add_argument("--generation", metavar="G")
+    p.add_argument("--txid", type=_nonneg_int, metavar="N", help="restore the state right after txid N")
+    p.add_argument("--timestamp", type=_parse_time, metavar="RFC3339", help="restore the state at this time")
+    p.add_argument("--if-db-not-exists", action="store_true", help="do nothing (exit 0) when the output exists")
+    p.add_argument("--if-replica-exists", action="store_true", help="exit 0 when no replica holds a backup")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, restore nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing database (and its -wal/-shm)")
+    p.add_argument("target", metavar="DB_PATH|REPLICA_URL")
+    p.set_defaults(func=cmd_restore)
+
+    for name, text in (("generations", "list generations"), ("snapshots", "list snapshots"), ("segments", "list segments")):
+        p = sub.add_parser(name, parents=[common], help=f"{text} held by replicas")
+        p.add_argument("-c", "--config")
+        p.add_argument("--replica", metavar="NAME")
+        p.add_argument("--generation", metavar="G")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("target", metavar="DB_PATH|REPLICA_URL")
+        p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("demo", parents=[common], help="replicate a demo database with a small writer to a local file replica")
+    p.add_argument("--dir", default="demo", help="working directory (default ./demo)")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--rate", type=float, default=20, help="writer transactions per second (default 20)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from replicas import StorageError
+    from replicator.config import ConfigError
+    from replicator.restore import RestoreError
+    from replicator.restore_plan import PlanError
+
+    level = args.log_level or os.environ.get("REPLICATOR_LOG_LEVEL") or "info"
+    logs.configure(level, args.log_format or "auto")
+    try:
+        return args.func(args)
+    except (UserError, ConfigError) as e:
+        print(f"replicator: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RestoreError, PlanError, StorageError) as e:
+        print(f"replicator: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,188 @@
+"""The agent: for each database a capture thread and one shipper per replica, woken by file
+change events (inotify through watchdog) with a slow poll as a safety net."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from replicas import RetryingDriver, open_driver
+from replicator import keys, logs
+from replicator.capture import Capture
+from replicator.config import Config, DbConfig, ReplicaConfig
+from replicator.shipper import Pending, ReplicaShipper
+
+
+def open_replica(rc: ReplicaConfig):
+    """The driver for a configured replica, wrapped with retries."""
+    return RetryingDriver(open_driver(rc.url, **dict(rc.options)), attempts=3)
+
+
+class DatabaseReplicator:
+    """Replicates one database: capture into the shadow log, ship to every replica."""
+
+    def __init__(self, cfg: DbConfig, *, on_shipped: Callable[[ReplicaShipper, Pending, float], None] | None = None):
+        self.cfg = cfg
+        self.log = logs.get(db=str(cfg.path))
+        self.capture = Capture(cfg, publish=self._publish, log=self.log)
+        self.shippers = [
+            ReplicaShipper(
+                rc.name,
+                open_replica(rc),
+                self.capture.shadow,
+                retention=rc.retention,
+                retention_check_interval=rc.retention_check_interval,
+                log=self.log,
+                on_shipped=on_shipped,
+            )
+            for rc in cfg.replicas
+        ]
+        self._local: deque[keys.ArtefactKey] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # -- events ---------------------------------------------------------------------------
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _publish(self, key: keys.ArtefactKey) -> None:
+        self._local.append(key)
+        for s in self.shippers:
+            s.offer(key)
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        existing = self.capture.shadow.list()
+        self._discard_orphans(existing)
+        existing = self.capture.shadow.list()
+        self._local.extend(existing)
+        for s in self.shippers:
+            s.load(existing)
+            s.start()
+        self._thread = threading.Thread(target=self._run, name=f"capture-{self.cfg.path.name}", daemon=True)
+        self._thread.start()
+
+    def _discard_orphans(self, existing: list[keys.ArtefactKey]) -> None:
+        """Artefacts written after the last durable position (a crash between the two) go."""
+        state = self.capture.shadow.load_state()
+        for a in existing:
+            if state is None or a.generation > state.generation or (
+                a.generation == state.generation and a.kind == keys.SEGMENT and a.first_txid > state.txid
+            ):
+                self.capture.shadow.remove(a.key)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Capture what is committed, ship it to every reachable replica, then stop."""
+        timeout = self.cfg.shutdown_timeout if timeout is None else timeout
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        ok = True
+        for s in self.shippers:
+            ok = s.stop(max(0.1, deadline - time.monotonic())) and ok
+        self._cleanup()
+        self.capture.close()
+        for s in self.shippers:
+            s.driver.close()
+        return ok
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self.capture.step()
+                if not stopping:
+                    self.capture.maybe_checkpoint()
+                    self.capture.maybe_snapshot()
+                self._cleanup()
+                if self.last_error is not None:
+                    self.log.info("capture recovered")
+                self.last_error = None
+                backoff = 0.0
+            except Exception as e:  # keep the agent alive; the next step retries from the durable position
+                msg = f"{type(e).__name__}: {e}"
+                if msg != self.last_error:
+                    self.log.error("capture failed; will retry", error=msg)
+                self.last_error = msg
+                self.capture.close()
+                backoff = min(5.0, max(0.1, backoff * 2))
+            if stopping:
+                return
+            interval = backoff or self.cfg.monitor_interval
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self.cfg.sync_interval and not self._stop.is_set():
+                time.sleep(self.cfg.sync_interval)
+
+    def _cleanup(self) -> None:
+        """Drop local artefacts that every replica holds."""
+        state = self.capture.state
+        while self._local:
+            key = self._local[0]
+            if not all(s.has(key) for s in self.shippers):
+                break
+            if state is not None and key.generation == state.generation and key.last_txid > state.txid:
+                break
+            self._local.popleft()
+            self.capture.shadow.remove(key.key)
+
+    def data_loss_window(self) -> dict[str, float]:
+        now = time.time()
+        return {s.name: s.data_loss_window(now) for s in self.shippers}
+
+
+class _Events(FileSystemEventHandler):
+    def __init__(self, targets: dict[str, DatabaseReplicator]):
+        self.targets = targets
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        path = event.src_path if isinstance(event.src_path, str) else event.src_path.decode()
+        for candidate in (path, getattr(event, "dest_path", "") or ""):
+            if not candidate:
+                continue
+            base = candidate[:-4] if candidate.endswith("-wal") else candidate
+            target = self.targets.get(base)
+            if target is not None:
+                target.notify()
+
+
+class Agent:
+    """Replicates every database of a config until stopped."""
+
+    def __init__(self, config: Config, *, on_shipped=None):
+        self.config = config
+        self.log = logs.get()
+        self.databases = [DatabaseReplicator(db, on_shipped=on_shipped) for db in config.dbs]
+        self._observer = Observer()
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        targets = {str(d.cfg.path): d for d in self.databases}
+        for directory in sorted({str(Path(d.cfg.path).parent) for d in self.databases}):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self._observer.schedule(_Events(targets), directory, recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+        for d in self.databases:
+            d.start()
+        self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases))
+
+    def stop(self) -> bool:
+        self._observer.stop()
+        ok = True
+        for d in self.databases:
+            ok = d.stop() and ok
+        self._observer.join(2)
+        self._stopped.set()
+        return ok

@@ -1,0 +1,187 @@
+"""Restore: fetch the planned artefacts, verify each, apply pages into a temp file, verify the
+result (database checksum and PRAGMA integrity_check), fsync and rename into place.
+
+Nothing is ever left at the target path unless the whole restore succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import apsw
+import numpy as np
+import xxhash
+
+from replicas import Driver, NotFound, StorageError
+from replicator import keys
+from replicator.artefact import ArtefactError, iter_body, iter_segment_pages, read_header, verify_key
+from replicator.fsutil import fsync_dir, temp_path
+from replicator.restore_plan import RestorePlan, RestoreTarget, plan_restore
+
+
+class RestoreError(Exception):
+    """A restore that cannot be done; the message is one line naming the artefact or path."""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    plan: RestorePlan
+    path: Path
+    txid: int
+    db_pages: int
+    page_size: int
+    db_checksum: int
+    commit_time: float
+    bytes_fetched: int
+
+
+def list_artefacts(driver: Driver) -> list[keys.ArtefactKey]:
+    """Every artefact key on the replica (strays and temp files ignored)."""
+    return [k for k in (keys.parse_key(i.key) for i in driver.list(keys.GENERATIONS + "/")) if k is not None]
+
+
+def plan(driver: Driver, target: RestoreTarget) -> RestorePlan:
+    return plan_restore(list_artefacts(driver), target)
+
+
+def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
+    """Whole-database checksum of a database file (XOR of per-page xxh3 seeded by page number)."""
+    acc = np.uint64(0)
+    chunk = max(1, (8 << 20) // page_size)
+    h = xxhash.xxh3_64_intdigest
+    with open(path, "rb") as f:
+        for first in range(1, db_pages + 1, chunk):
+            n = min(chunk, db_pages - first + 1)
+            buf = f.read(n * page_size)
+            if len(buf) < n * page_size:
+                buf += bytes(n * page_size - len(buf))
+            mv = memoryview(buf)
+            vals = np.fromiter((h(mv[i * page_size : (i + 1) * page_size], first + i) for i in range(n)), dtype=np.uint64, count=n)
+            acc ^= np.bitwise_xor.reduce(vals)
+    return int(acc)
+
+
+def integrity_check(path: Path) -> str:
+    """PRAGMA integrity_check of a database file opened read-only and immutable ('ok' when fine)."""
+    uri = f"file:{path}?immutable=1"
+    conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    try:
+        rows = conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+    return "; ".join(str(r[0]) for r in rows[:5])
+
+
+def _open_artefact(driver: Driver, key: keys.ArtefactKey):
+    try:
+        return driver.get(key.key)
+    except NotFound:
+        raise RestoreError(f"{key.key}: missing from the replica") from None
+    except StorageError as e:
+        raise RestoreError(f"{key.key}: {e}") from None
+
+
+def restore(
+    driver: Driver,
+    output: str | os.PathLike,
+    *,
+    target: RestoreTarget = RestoreTarget(),
+    restore_plan: RestorePlan | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RestoreResult:
+    """Restore the planned state of the replica to output; see the module doc."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise RestoreError(f"{output} already exists (use --force to replace it)")
+    p = restore_plan or plan(driver, target)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(output)
+    try:
+        result = _build(driver, p, tmp, progress)
+        verdict = integrity_check(tmp)
+        if verdict != "ok":
+            raise RestoreError(f"restored database fails integrity_check: {verdict}")
+        if force:
+            for suffix in ("-wal", "-shm", "-journal"):
+                Path(f"{output}{suffix}").unlink(missing_ok=True)
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
+    return RestoreResult(p, output, result[0], result[1], result[2], result[3], result[4], result[5])
+
+
+def _build(driver: Driver, p: RestorePlan, tmp: Path, progress) -> tuple[int, int, int, int, float, int]:
+    fetched = 0
+    with open(tmp, "wb") as out:
+        # snapshot: the raw database image
+        with _open_artefact(driver, p.snapshot) as f:
+            try:
+                header = read_header(f)
+                verify_key(header, p.snapshot.key)
+                for chunk in iter_body(f, header):
+                    out.write(chunk)
+                    fetched += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except ArtefactError as e:
+                raise RestoreError(f"{p.snapshot.key}: {e}") from None
+        page_size = header.page_size
+        txid = header.last_txid
+        db_pages = header.db_pages
+        checksum = header.db_checksum
+        commit_time = header.commit_time
+        fd = out.fileno()
+        done = False
+        for seg in p.segments:
+            with _open_artefact(driver, seg) as f:
+                try:
+                    sh = read_header(f)
+                    verify_key(sh, seg.key)
+                    if sh.page_size != page_size:
+                        raise ArtefactError(f"page size {sh.page_size} differs from the snapshot's {page_size}")
+                    if sh.first_txid > txid + 1:
+                        raise ArtefactError(f"starts at txid {sh.first_txid} but the restore is at {txid}")
+                    for txn, pgno, data in iter_segment_pages(f, sh):
+                        # every page is read so the payload checksum gets verified; only
+                        # the transactions the target wants are applied
+                        if txn.txid > txid and _wanted(p, txn):
+                            os.pwrite(fd, data, (pgno - 1) * page_size)
+                            fetched += len(data)
+                    for t in sh.txns:
+                        if t.txid <= txid:
+                            continue
+                        if not _wanted(p, t):
+                            done = True
+                            break
+                        txid, db_pages, checksum, commit_time = t.txid, t.db_pages, t.db_checksum, t.commit_time
+                except ArtefactError as e:
+                    raise RestoreError(f"{seg.key}: {e}") from None
+            if done:
+                break
+        out.truncate(db_pages * page_size)
+        out.flush()
+        os.fsync(fd)
+    if p.target_txid is not None and txid != p.target_txid:
+        raise RestoreError(f"replica ends at txid {txid} of generation {p.generation}, before the requested txid {p.target_txid}")
+    actual = file_checksum(tmp, page_size, db_pages)
+    if actual != checksum:
+        raise RestoreError(
+            f"restored database checksum {actual:016x} does not match the recorded {checksum:016x} at txid {txid} of generation {p.generation}"
+        )
+    return txid, db_pages, page_size, checksum, commit_time, fetched
+
+
+def _wanted(p: RestorePlan, txn) -> bool:
+    if p.target_txid is not None and txn.txid > p.target_txid:
+        return False
+    if p.target_time is not None and txn.commit_time > p.target_time:
+        return False
+    return True

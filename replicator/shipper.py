@@ -1,0 +1,224 @@
+"""The shipper: one per (database, replica). Uploads shadow artefacts in order, with its own
+position, retries with backoff, and prunes the replica by retention.
+
+A replica that is down or slow only delays its own shipper: capture and the other replicas
+go on, and the shadow log keeps every artefact until every replica has it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from replicas import Driver, StorageError
+from replicator import keys
+from replicator.artefact import ArtefactError, read_header
+from replicator.retention import plan_retention
+from replicator.shadow import ShadowLog
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An artefact waiting for upload, with the commit time of its oldest transaction."""
+
+    key: keys.ArtefactKey
+    first_commit_time: float
+    size: int
+
+
+class ReplicaShipper:
+    """Ships one database's artefacts to one replica on a background thread."""
+
+    def __init__(
+        self,
+        name: str,
+        driver: Driver,
+        shadow: ShadowLog,
+        *,
+        retention: float,
+        retention_check_interval: float,
+        log,
+        on_shipped: Callable[["ReplicaShipper", Pending, float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.name = name
+        self.driver = driver
+        self.shadow = shadow
+        self.retention = retention
+        self.retention_check_interval = retention_check_interval
+        self.log = log.bind(replica=name)
+        self.on_shipped = on_shipped
+        self.clock = clock
+        self.pending: deque[Pending] = deque()
+        self.uploaded: set[str] = set()
+        self.position: tuple[str, int] | None = None  # (generation, txid) durable on the replica
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.errors = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._next_retention = time.monotonic() + min(60.0, retention_check_interval)
+        self._known_listing = False
+
+    # -- queue ----------------------------------------------------------------------------
+    def offer(self, key: keys.ArtefactKey) -> None:
+        """Queue an artefact that is now durable in the shadow log."""
+        item = self._pending_for(key)
+        if item is None:
+            return
+        with self._cond:
+            self.pending.append(item)
+            self._cond.notify_all()
+
+    def _pending_for(self, key: keys.ArtefactKey) -> Pending | None:
+        path = self.shadow.path_of(key.key)
+        try:
+            with open(path, "rb") as f:
+                header = read_header(f)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        except ArtefactError as e:
+            self.log.error("shadow artefact is damaged; not shipping it", key=key.key, error=str(e))
+            return None
+        return Pending(key, header.txns[0].commit_time, size)
+
+    def load(self, artefacts: list[keys.ArtefactKey]) -> None:
+        """Queue the shadow artefacts this replica does not hold yet (at start-up)."""
+        generations = sorted({a.generation for a in artefacts})
+        try:
+            for gen in generations:
+                for info in self.driver.list(keys.generation_prefix(gen)):
+                    self.uploaded.add(info.key)
+            self._known_listing = True
+        except StorageError as e:
+            self.last_error = str(e)
+            self.log.warning("cannot list replica; will upload everything pending", error=str(e))
+        for a in artefacts:
+            if a.key in self.uploaded:
+                self._advance(a)
+            else:
+                self.offer(a)
+
+    def has(self, key: keys.ArtefactKey) -> bool:
+        return key.key in self.uploaded
+
+    def data_loss_window(self, now: float | None = None) -> float:
+        """Seconds of commits that would be lost if the node died now (0 when caught up)."""
+        with self._cond:
+            if not self.pending:
+                return 0.0
+            oldest = self.pending[0].first_commit_time
+        return max(0.0, (now if now is not None else self.clock()) - oldest)
+
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return sum(p.size for p in self.pending)
+
+    # -- thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"ship-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Ship what is pending (up to timeout seconds), then stop; True when caught up."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.pending and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+                self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            caught_up = not self.pending
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+        return caught_up
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.pending and time.monotonic() < deadline:
+                self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            return not self.pending
+
+    def _run(self) -> None:
+        delay = 0.0
+        while True:
+            with self._cond:
+                while not self.pending and not self._stop and time.monotonic() < self._next_retention:
+                    self._cond.wait(min(1.0, max(0.01, self._next_retention - time.monotonic())))
+                if self._stop:
+                    return
+                item = self.pending[0] if self.pending else None
+            if item is None:
+                self._retention()
+                continue
+            if self.upload(item):
+                delay = 0.0
+            else:
+                delay = min(30.0, max(0.2, delay * 2))
+                with self._cond:
+                    self._cond.wait(delay * (0.5 + random.random() / 2))
+
+    def upload(self, item: Pending) -> bool:
+        """Upload one artefact; True on success (it is then removed from the queue)."""
+        path = self.shadow.path_of(item.key.key)
+        started = time.monotonic()
+        try:
+            with open(path, "rb") as f:
+                self.driver.put(item.key.key, f, size=item.size)
+        except FileNotFoundError:
+            self.log.error("shadow artefact vanished before upload", key=item.key.key)
+            self._pop(item)
+            return True
+        except (StorageError, OSError) as e:
+            self.errors += 1
+            msg = str(e)
+            if msg != self.last_error:
+                self.log.warning("upload failed; will retry", key=item.key.key, error=msg)
+            self.last_error = msg
+            return False
+        now = self.clock()
+        if self.last_error is not None:
+            self.log.info("replica recovered", key=item.key.key)
+        self.last_error = None
+        self.last_success = now
+        self.uploaded.add(item.key.key)
+        self._advance(item.key)
+        self._pop(item)
+        self.log.debug("shipped", key=item.key.key, bytes=item.size, seconds=round(time.monotonic() - started, 4))
+        if self.on_shipped is not None:
+            self.on_shipped(self, item, now - item.first_commit_time)
+        return True
+
+    def _pop(self, item: Pending) -> None:
+        with self._cond:
+            if self.pending and self.pending[0] is item:
+                self.pending.popleft()
+            self._cond.notify_all()
+
+    def _advance(self, key: keys.ArtefactKey) -> None:
+        if self.position is None or (key.generation, key.last_txid) > self.position:
+            self.position = (key.generation, key.last_txid)
+
+    # -- retention ------------------------------------------------------------------------
+    def _retention(self) -> None:
+        self._next_retention = time.monotonic() + self.retention_check_interval
+        try:
+            self.enforce_retention()
+        except StorageError as e:
+            self.log.warning("retention failed; will retry", error=str(e))
+
+    def enforce_retention(self, now: float | None = None) -> int:
+        """Delete what retention allows from the replica; returns how many were deleted."""
+        listing = [k for k in (keys.parse_key(i.key) for i in self.driver.list(keys.GENERATIONS + "/")) if k is not None]
+        decision = plan_retention(listing, now=self.clock() if now is None else now, retention=self.retention)
+        for key in decision.delete:
+            self.driver.delete(key.key)
+            self.uploaded.discard(key.key)
+            self.log.info("pruned", key=key.key, reason=decision.reasons.get(key.key, ""))
+        return len(decision.delete)

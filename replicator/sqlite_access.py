@@ -1,0 +1,146 @@
+"""The agent's SQLite connections: the read transaction that pins the WAL, and checkpoints.
+
+The agent never writes to the user's database. It opens two apsw connections: `pin` holds a
+read transaction so that no checkpoint can reset the WAL while capture reads it (a reader
+whose snapshot includes WAL frames blocks the restart), and `ckpt` runs the checkpoints the
+agent owns. Neither checkpoints on close, so stopping the agent never folds unshipped frames
+into the database.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+
+from replicator.walindex import WalIndexHeader, WalIndexReader
+
+CHECKPOINT_MODES = {
+    "PASSIVE": apsw.SQLITE_CHECKPOINT_PASSIVE,
+    "FULL": apsw.SQLITE_CHECKPOINT_FULL,
+    "RESTART": apsw.SQLITE_CHECKPOINT_RESTART,
+    "TRUNCATE": apsw.SQLITE_CHECKPOINT_TRUNCATE,
+}
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be replicated right now (missing, not WAL, locked); one line."""
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    mode: str
+    busy: bool
+    wal_frames: int
+    checkpointed: int
+
+
+def _open(path: Path, busy_ms: int) -> apsw.Connection:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+    conn.set_busy_timeout(busy_ms)
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.wal_autocheckpoint(0)
+    return conn
+
+
+def _view_key(h: WalIndexHeader | None):
+    return None if h is None else (h.change, h.mx_frame, h.salts, h.n_backfill, h.n_page)
+
+
+class SqliteAccess:
+    """The pinning read transaction and the checkpointing connection for one database."""
+
+    def __init__(self, db_path: Path, *, checkpoint_busy_ms: int = 100):
+        self.db_path = db_path
+        self.shm_path = Path(f"{db_path}-shm")
+        self.wal_path = Path(f"{db_path}-wal")
+        self._checkpoint_busy_ms = checkpoint_busy_ms
+        self.pin_conn: apsw.Connection | None = None
+        self.ckpt_conn: apsw.Connection | None = None
+        self.index = WalIndexReader(self.shm_path)
+        self.pinned_view: WalIndexHeader | None = None
+        self.page_size = 0
+
+    def open(self) -> None:
+        """Open the connections; DatabaseUnavailable when the database cannot be replicated."""
+        if not self.db_path.exists():
+            raise DatabaseUnavailable(f"database {self.db_path} does not exist yet")
+        try:
+            conn = _open(self.db_path, 5000)
+            mode = conn.execute("PRAGMA journal_mode").fetchall()[0][0]
+            if str(mode).lower() != "wal":
+                conn.close()
+                raise DatabaseUnavailable(
+                    f"database {self.db_path} is in journal_mode={mode}, not WAL: "
+                    "the app must set PRAGMA journal_mode=WAL"
+                )
+            self.page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])
+            self.pin_conn = conn
+            self.ckpt_conn = _open(self.db_path, self._checkpoint_busy_ms)
+        except apsw.Error as e:
+            self.close()
+            raise DatabaseUnavailable(f"cannot open database {self.db_path}: {e}") from None
+
+    def close(self) -> None:
+        self.unpin()
+        for conn in (self.ckpt_conn, self.pin_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except apsw.Error:
+                    pass
+        self.pin_conn = self.ckpt_conn = None
+        self.index.close()
+
+    # -- pin ----------------------------------------------------------------------------
+    def pin(self, attempts: int = 50) -> WalIndexHeader | None:
+        """(Re)start the read transaction and return the WAL-index view it sees.
+
+        The view is known exactly only when the WAL index did not change while the
+        transaction started; retried until it did not.
+        """
+        assert self.pin_conn is not None
+        last = None
+        for _ in range(attempts):
+            self.unpin()
+            before = self.index.read()
+            self.pin_conn.execute("BEGIN; SELECT count(*) FROM sqlite_master").fetchall()
+            after = self.index.read()
+            last = after
+            if _view_key(before) == _view_key(after):
+                self.pinned_view = after
+                return after
+        self.pinned_view = None
+        return last
+
+    @property
+    def pinned(self) -> bool:
+        """True when the read transaction really pins the WAL (its view includes frames)."""
+        v = self.pinned_view
+        return v is not None and v.mx_frame > v.n_backfill
+
+    def unpin(self) -> None:
+        if self.pin_conn is not None and not self.pin_conn.getautocommit():
+            self.pin_conn.execute("ROLLBACK")
+        self.pinned_view = None
+
+    # -- checkpoints --------------------------------------------------------------------
+    def checkpoint(self, mode: str) -> CheckpointResult:
+        """Run a checkpoint with the pin released; the caller re-pins afterwards."""
+        assert self.ckpt_conn is not None
+        self.unpin()
+        try:
+            nlog, nckpt = self.ckpt_conn.wal_checkpoint(mode=CHECKPOINT_MODES[mode])
+            return CheckpointResult(mode, False, nlog, nckpt)
+        except apsw.BusyError:
+            return CheckpointResult(mode, True, -1, -1)
+        except apsw.LockedError:
+            return CheckpointResult(mode, True, -1, -1)
+
+    def wal_fd(self) -> int | None:
+        try:
+            return os.open(self.wal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None

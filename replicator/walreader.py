@@ -1,0 +1,409 @@
+"""Reading SQLite WAL files: header, frames, salts, checksum chain, commit boundaries.
+
+Format (https://www.sqlite.org/fileformat2.html#walformat). All header and frame-header
+integers are big-endian. The 32-byte WAL header holds the magic (0x377f0682: checksums
+over little-endian 32-bit words, 0x377f0683: big-endian words), the format version
+(3007000), the page size, the checkpoint sequence number, salt-1, salt-2 and a checksum
+over its first 24 bytes. Each frame is a 24-byte header (page number, commit field =
+database size in pages after a commit or 0, salt-1, salt-2, checksum-1, checksum-2)
+followed by one page.
+
+A frame is valid (SQLite's walDecodeFrame) when its salts equal the header's, its page
+number is not 0 and its checksum equals the cumulative checksum: the previous frame's
+checksum (the header's for frame 1) continued over the first 8 bytes of the frame header
+and then the page data. The first frame that is not valid ends the log, whatever follows
+(older frames from an earlier WAL restart may remain in the file after it).
+
+The checksum is a linear recurrence over pairs of words (x0, x1)::
+
+    s0 += x0 + s1;  s1 += x1 + s0        (mod 2**32)
+
+i.e. s' = A s + B x with A = [[1, 1], [1, 2]] and B = [[1, 0], [1, 1]]. After n pairs,
+s_n = A^n s_0 + sum_k A^(n-1-k) B x_k: a frame's contribution (the sum) does not depend on
+the incoming state, so the contributions of many frames are one matrix product of the
+frames' words with precomputed coefficients, and only the cheap A^n s_0 + c chaining is
+left to a Python loop. The dot products run in uint64, which wraps modulo 2**64 and is
+therefore still exact modulo 2**32. `wal_checksum` is the plain reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+__all__ = [
+    "WAL_HEADER_SIZE",
+    "FRAME_HEADER_SIZE",
+    "WAL_VERSION",
+    "WAL_MAGIC_LE",
+    "WAL_MAGIC_BE",
+    "WalError",
+    "WalHeader",
+    "parse_wal_header",
+    "ChainPos",
+    "FrameInfo",
+    "frame_offset",
+    "page_offset",
+    "scan_frames",
+    "read_page",
+    "wal_checksum",
+    "FrameChecksummer",
+    "WalFile",
+]
+
+WAL_HEADER_SIZE = 32
+FRAME_HEADER_SIZE = 24
+WAL_VERSION = 3007000
+WAL_MAGIC_LE = 0x377F0682
+WAL_MAGIC_BE = 0x377F0683
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 65536
+
+_MASK32 = 0xFFFFFFFF
+_WAL_HDR = struct.Struct(">8I")
+_FRAME_HDR = struct.Struct(">6I")
+
+# Cap on the uint64 temporary the vectorised checksum builds (a chunk of 64 KiB frames
+# is processed in slices of this many bytes), so memory stays small whatever chunk_frames.
+_VECTOR_BYTES = 8 << 20
+
+
+class WalError(Exception):
+    """The file is not a WAL this reader understands, or a page could not be read."""
+
+
+@dataclass(frozen=True)
+class WalHeader:
+    big_endian: bool
+    page_size: int
+    ckpt_seq: int
+    salt1: int
+    salt2: int
+    checksum1: int
+    checksum2: int
+    valid: bool  # the header checksum matched
+
+    @property
+    def salts(self) -> tuple[int, int]:
+        return (self.salt1, self.salt2)
+
+    @property
+    def frame_size(self) -> int:
+        return self.page_size + FRAME_HEADER_SIZE
+
+
+def parse_wal_header(buf: bytes | bytearray | memoryview) -> WalHeader | None:
+    """Parse the first 32 bytes of a WAL file.
+
+    Returns None when fewer than 32 bytes are given (no WAL yet). Raises WalError for a
+    bad magic (including an all-zero header), an unsupported version or page size. A
+    header whose checksum does not match is returned with valid=False (SQLite treats
+    such a WAL as empty).
+    """
+    if len(buf) < WAL_HEADER_SIZE:
+        return None
+    head = bytes(buf[:WAL_HEADER_SIZE])
+    magic, version, page_size, ckpt_seq, salt1, salt2, ck1, ck2 = _WAL_HDR.unpack(head)
+    if magic not in (WAL_MAGIC_LE, WAL_MAGIC_BE):
+        raise WalError(f"not a WAL file: bad magic 0x{magic:08x}")
+    if version != WAL_VERSION:
+        raise WalError(f"unsupported WAL format version {version} (expected {WAL_VERSION})")
+    if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size & (page_size - 1):
+        raise WalError(f"unsupported WAL page size {page_size}")
+    big_endian = magic == WAL_MAGIC_BE
+    valid = wal_checksum(head[:24], big_endian) == (ck1, ck2)
+    return WalHeader(big_endian, page_size, ckpt_seq, salt1, salt2, ck1, ck2, valid)
+
+
+@dataclass(frozen=True)
+class ChainPos:
+    """Where a reader stands: `index` frames consumed and the cumulative checksum after
+    frame `index` (the header's checksum when index == 0)."""
+
+    index: int
+    checksum1: int
+    checksum2: int
+
+    @classmethod
+    def start(cls, header: WalHeader) -> "ChainPos":
+        return cls(0, header.checksum1, header.checksum2)
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    index: int  # 1-based
+    pgno: int
+    commit: int  # database size in pages after the commit, 0 if not a commit frame
+    offset: int  # byte offset of the frame header in the file
+    chain: ChainPos  # the position after this frame (chain.index == index)
+
+    @property
+    def is_commit(self) -> bool:
+        return self.commit != 0
+
+
+def frame_offset(index: int, page_size: int) -> int:
+    """Byte offset of the header of frame `index` (1-based)."""
+    if index < 1:
+        raise ValueError(f"frame index must be >= 1, got {index}")
+    return WAL_HEADER_SIZE + (index - 1) * (page_size + FRAME_HEADER_SIZE)
+
+
+def page_offset(index: int, page_size: int) -> int:
+    """Byte offset where the page data of frame `index` (1-based) starts."""
+    return frame_offset(index, page_size) + FRAME_HEADER_SIZE
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def wal_checksum(
+    data: bytes | bytearray | memoryview, big_endian: bool, s0: int = 0, s1: int = 0
+) -> tuple[int, int]:
+    """Reference (pure Python) WAL checksum of `data` continued from (s0, s1).
+
+    `data` must be a multiple of 8 bytes; words are read in the given byte order.
+    """
+    n = len(data)
+    if n % 8:
+        raise ValueError(f"checksummed data must be a multiple of 8 bytes, got {n}")
+    words = struct.unpack(f"{'>' if big_endian else '<'}{n // 4}I", data)
+    s0 &= _MASK32
+    s1 &= _MASK32
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & _MASK32
+        s1 = (s1 + words[i + 1] + s0) & _MASK32
+    return s0, s1
+
+
+def _matpow(n: int) -> tuple[int, int, int, int]:
+    """A**n mod 2**32 as (a00, a01, a10, a11), A = [[1, 1], [1, 2]]."""
+    r = (1, 0, 0, 1)
+    b = (1, 1, 1, 2)
+    while n:
+        if n & 1:
+            r = _matmul(r, b)
+        b = _matmul(b, b)
+        n >>= 1
+    return r
+
+
+def _matmul(x: tuple[int, int, int, int], y: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    return (
+        (x[0] * y[0] + x[1] * y[2]) & _MASK32,
+        (x[0] * y[1] + x[1] * y[3]) & _MASK32,
+        (x[2] * y[0] + x[3] * y[2]) & _MASK32,
+        (x[2] * y[1] + x[3] * y[3]) & _MASK32,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _frame_coefficients(page_size: int) -> np.ndarray:
+    """Coefficients K (frame_words x 2, uint64) such that a whole frame's words w give the
+    frame's checksum contribution c = w @ K (mod 2**32).
+
+    The frame's checksummed input is n = 1 + page_size/8 pairs: words 0-1 (page number
+    and commit field), then the page (words 6...). Words 2-5 (salts, stored checksum)
+    are not checksummed: their coefficients are 0. Pair k contributes A^(n-1-k) B x_k.
+    """
+    n = 1 + page_size // 8
+    # Powers P_j = A^j for j = 0..n-1, built incrementally: P_{j+1} = P_j A.
+    pw = np.empty((n, 4), dtype=np.uint64)
+    p00, p01, p10, p11 = 1, 0, 0, 1
+    for j in range(n):
+        pw[j] = (p00, p01, p10, p11)
+        p00, p01, p10, p11 = (
+            (p00 + p01) & _MASK32,
+            (p00 + 2 * p01) & _MASK32,
+            (p10 + p11) & _MASK32,
+            (p10 + 2 * p11) & _MASK32,
+        )
+    m = np.uint64(_MASK32)
+    # M = P B with B = [[1, 0], [1, 1]]: M = [[p00 + p01, p01], [p10 + p11, p11]].
+    m00 = (pw[:, 0] + pw[:, 1]) & m
+    m01 = pw[:, 1]
+    m10 = (pw[:, 2] + pw[:, 3]) & m
+    m11 = pw[:, 3]
+    # Pair k uses power j = n-1-k; reverse so that row k corresponds to pair k.
+    m00, m01, m10, m11 = m00[::-1], m01[::-1], m10[::-1], m11[::-1]
+    coeffs = np.zeros(((page_size + FRAME_HEADER_SIZE) // 4, 2), dtype=np.uint64)
+    # pair 0 = frame-header words 0, 1
+    coeffs[0] = (m00[0], m10[0])
+    coeffs[1] = (m01[0], m11[0])
+    # pairs 1..n-1 = page words 6, 7, 8, ...
+    coeffs[6::2, 0] = m00[1:]
+    coeffs[6::2, 1] = m10[1:]
+    coeffs[7::2, 0] = m01[1:]
+    coeffs[7::2, 1] = m11[1:]
+    coeffs.setflags(write=False)
+    return coeffs
+
+
+class FrameChecksummer:
+    """Vectorised frame checksums for one (page size, byte order); coefficients are
+    cached per page size, so constructing one is cheap."""
+
+    def __init__(self, page_size: int, big_endian: bool):
+        if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size & (page_size - 1):
+            raise WalError(f"unsupported WAL page size {page_size}")
+        self.page_size = page_size
+        self.big_endian = big_endian
+        self.frame_size = page_size + FRAME_HEADER_SIZE
+        self._dtype = np.dtype(">u4" if big_endian else "<u4")
+        self._coeffs = _frame_coefficients(page_size)
+        # A^n for the n pairs of a frame: the state after a frame is A^n s + c.
+        self._an = _matpow(1 + page_size // 8)
+        self._slice = max(1, _VECTOR_BYTES // (2 * self.frame_size))
+
+    def contributions(self, frames_buf: bytes | bytearray | memoryview, n_frames: int) -> np.ndarray:
+        """Each frame's checksum contribution (independent of the incoming state), as an
+        (n_frames, 2) uint64 array of values < 2**32."""
+        need = n_frames * self.frame_size
+        if n_frames < 0 or len(frames_buf) < need:
+            raise ValueError(f"need {need} bytes for {n_frames} frames, got {len(frames_buf)}")
+        words = np.frombuffer(frames_buf, dtype=self._dtype, count=need // 4)
+        words = words.reshape(n_frames, self.frame_size // 4)
+        out = np.empty((n_frames, 2), dtype=np.uint64)
+        step = self._slice
+        for i in range(0, n_frames, step):
+            np.matmul(words[i : i + step].astype(np.uint64), self._coeffs, out=out[i : i + step])
+        out &= np.uint64(_MASK32)
+        return out
+
+    def chain(
+        self, frames_buf: bytes | bytearray | memoryview, n_frames: int, s0: int, s1: int
+    ) -> list[tuple[int, int]]:
+        """Cumulative checksum after each of `n_frames` consecutive whole frames in
+        `frames_buf` (each frame_size bytes, header first), starting from (s0, s1)."""
+        a00, a01, a10, a11 = self._an
+        result = []
+        for c0, c1 in self.contributions(frames_buf, n_frames).tolist():
+            s0, s1 = (a00 * s0 + a01 * s1 + c0) & _MASK32, (a10 * s0 + a11 * s1 + c1) & _MASK32
+            result.append((s0, s1))
+        return result
+
+
+@functools.lru_cache(maxsize=32)
+def _checksummer(page_size: int, big_endian: bool) -> FrameChecksummer:
+    return FrameChecksummer(page_size, big_endian)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan_frames(
+    fd: int,
+    header: WalHeader,
+    start: ChainPos,
+    *,
+    end_index: int | None = None,
+    chunk_frames: int = 256,
+) -> Iterator[FrameInfo]:
+    """Yield each valid frame after `start.index`, in order.
+
+    Reads with os.pread in chunks of `chunk_frames` frames and checksums each chunk in one
+    vectorised pass. Stops silently at the end of the log: end of file, a partial frame
+    header or page, a salt mismatch, a page number of 0, a checksum mismatch, or after
+    frame `end_index`. Nothing is yielded when the header itself is not valid. Memory is
+    bounded by chunk_frames.
+    """
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    if not header.valid:
+        return
+    page_size = header.page_size
+    frame_size = header.frame_size
+    summer = _checksummer(page_size, header.big_endian)
+    a00, a01, a10, a11 = summer._an
+    salt1, salt2 = header.salt1, header.salt2
+    unpack_hdr = _FRAME_HDR.unpack_from
+    index = start.index
+    s0, s1 = start.checksum1 & _MASK32, start.checksum2 & _MASK32
+    while True:
+        want = chunk_frames
+        if end_index is not None:
+            want = min(want, end_index - index)
+        if want <= 0:
+            return
+        first = index + 1
+        off = frame_offset(first, page_size)
+        buf = os.pread(fd, want * frame_size, off)
+        n = len(buf) // frame_size
+        if n == 0:
+            return
+        contrib = summer.contributions(buf, n).tolist()
+        for i in range(n):
+            pos = i * frame_size
+            pgno, commit, fs1, fs2, fc1, fc2 = unpack_hdr(buf, pos)
+            if fs1 != salt1 or fs2 != salt2 or pgno == 0:
+                return
+            c0, c1 = contrib[i]
+            s0, s1 = (a00 * s0 + a01 * s1 + c0) & _MASK32, (a10 * s0 + a11 * s1 + c1) & _MASK32
+            if s0 != fc1 or s1 != fc2:
+                return
+            index += 1
+            yield FrameInfo(index, pgno, commit, off + pos, ChainPos(index, s0, s1))
+        if n < want:
+            return  # a partial frame (or EOF) follows
+
+
+def read_page(fd: int, page_size: int, index: int) -> bytes:
+    """The page data of frame `index` (1-based). Raises WalError if the file is short."""
+    data = os.pread(fd, page_size, page_offset(index, page_size))
+    if len(data) != page_size:
+        raise WalError(f"short read of frame {index}: got {len(data)} of {page_size} page bytes")
+    return data
+
+
+class WalFile:
+    """Convenience for tools and tests: a WAL file opened read-only.
+
+    `header` is None when the file holds fewer than 32 bytes (no WAL yet); a bad magic,
+    version or page size raises WalError from the constructor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.header = parse_wal_header(os.pread(self.fd, WAL_HEADER_SIZE, 0))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def frames(self, start: ChainPos | None = None, *, end_index: int | None = None) -> list[FrameInfo]:
+        """All valid frames (after `start`, if given)."""
+        if self.header is None:
+            return []
+        if start is None:
+            start = ChainPos.start(self.header)
+        return list(scan_frames(self.fd, self.header, start, end_index=end_index))
+
+    def committed(self) -> list[FrameInfo]:
+        """Valid frames up to and including the last commit frame."""
+        frames = self.frames()
+        for i in range(len(frames) - 1, -1, -1):
+            if frames[i].is_commit:
+                return frames[: i + 1]
+        return []
+
+    def page(self, index: int) -> bytes:
+        if self.header is None:
+            raise WalError(f"{self.path}: no WAL header")
+        return read_page(self.fd, self.header.page_size, index)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "WalFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
