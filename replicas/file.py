@@ -50,7 +50,7 @@ class FileDriver(Driver):
     @classmethod
     def from_url(cls, url: str, **options: object) -> FileDriver:
         """Open `file:///abs/path` or a plain absolute or relative path; takes no options."""
-        if "://" not in url:
+        if url[:7].lower() != "file://":
             path = url
         else:
             parts = urllib.parse.urlsplit(url)
@@ -110,15 +110,15 @@ class FileDriver(Driver):
         with self._mapped("read", key):
             # O_NONBLOCK: a FIFO planted at the path must not hang the open.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
+        try:
+            with self._mapped("read", key):
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise NotFound(f"{self.url}: {key!r} not found (not a regular file)", key=key)
-                stream = os.fdopen(fd, "rb")
-            except BaseException:
-                os.close(fd)
-                raise
-            if offset:
-                stream.seek(offset)
+                os.lseek(fd, offset, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        stream = os.fdopen(fd, "rb")
         if length is None:
             return stream
         return io.BufferedReader(_Window(stream, length))  # type: ignore[return-value]
@@ -165,10 +165,9 @@ class FileDriver(Driver):
     def _create_temp(self, directory: str, name: str, key: str) -> tuple[int, str]:
         short = name.encode()[:128].decode(errors="ignore")  # keep the temp name short
         for _ in range(8):
-            with self._mapped("write", key):
-                _makedirs(directory)
             tmp = os.path.join(directory, f".{short}.tmp-{secrets.token_hex(8)}")
             try:
+                _makedirs(directory)
                 return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
             except FileNotFoundError:
                 continue  # a concurrent delete pruned the directory: make it again

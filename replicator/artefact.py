@@ -652,7 +652,16 @@ def _check_position(db_pages: int, commit_time: float, db_checksum: int) -> None
 class _Writer:
     """Shared plumbing: compressor, spool, lifecycle."""
 
-    def __init__(self, generation, page_size, codec, level, spool_dir, spool_memory, threads=0):
+    def __init__(
+        self,
+        generation: str,
+        page_size: int,
+        codec: str,
+        level: int,
+        spool_dir: str | os.PathLike | None,
+        spool_memory: int,
+        threads: int = 0,
+    ):
         _check_common(generation, page_size, codec, level)
         self.generation, self.page_size, self.codec = generation, page_size, codec
         self.level = level if codec == "zstd" else 0
@@ -700,7 +709,7 @@ class _Writer:
             self._spool.close()
             self._state = "closed"
 
-    def __enter__(self):
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,12 +4,16 @@ Every committed transaction becomes part of a segment; a generation starts with 
 whenever continuity with the previous position cannot be proven. The agent holds a read
 transaction (the pin) so the WAL cannot be reset while it reads, and it owns checkpointing.
 
-Continuity across a WAL restart (someone's checkpoint reset the WAL: salt-1 goes up by one
-and frames are written again from the start of the file) is proven when the old
-incarnation's remaining frames can still be read: they continue the checksum chain from our
-position with the old salts, and the new incarnation has not yet written as far as our
-position. Anything else (salts that jumped, a truncated WAL we did not truncate, frames
-overwritten) starts a new generation; capture never stitches across a gap.
+Continuity is proven by counting commits. SQLite's WAL index keeps a counter (iChange) that
+every commit increments, in every process, across WAL restarts, for as long as the -shm
+file lives (the agent's open connection keeps it alive). Capture records the counter at its
+position; whenever it consumes transactions, the counter must have moved by exactly the
+number of commits it read. Across a WAL restart (a checkpoint reset the WAL and frames are
+written again from the start of the file) capture reads what remains of the old
+incarnation after its position (frames that continue the checksum chain with the old
+salts) plus the new incarnation's frames, and continues only if those commits account for
+the whole counter delta. Anything else starts a new generation with a snapshot; capture
+never stitches across a gap.
 """
 
 from __future__ import annotations
@@ -98,7 +102,6 @@ class Capture:
         self.opened = False
         self.last_checkpoint = time.monotonic()
         self.last_snapshot = time.monotonic()
-        self._own_truncate: tuple[int, int] | None = None  # (salt1, frames) of our last TRUNCATE
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
         self._zero_hash: dict[int, int] = {}
@@ -244,7 +247,7 @@ class Capture:
         if view.salts != (pos.salt1, pos.salt2):
             captured += self._handle_restart(view)
         elif view.mx_frame > pos.index:
-            captured += self._capture_to(view.mx_frame)
+            captured += self._capture_to(view)
         elif view.mx_frame < pos.index:
             self.start_generation("wal-shrank")
             return captured
@@ -270,10 +273,11 @@ class Capture:
             return ChainPos.start(header)
         return ChainPos(pos.index, pos.checksum1, pos.checksum2)
 
-    def _capture_to(self, end_index: int) -> int:
-        """Capture frames (position, end_index] of the current incarnation."""
+    def _capture_to(self, view: WalIndexHeader) -> int:
+        """Capture frames (position, view.mx_frame] of the current incarnation."""
         assert self.state is not None and self.state.wal is not None
         pos = self.state.wal
+        end_index = view.mx_frame
         header = self._current_header(pos)
         if header is None:
             self.start_generation("wal-header-changed")
@@ -288,6 +292,10 @@ class Capture:
             if view is not None and view.salts != (pos.salt1, pos.salt2):
                 return self._handle_restart(view)
             self.start_generation("wal-invalid")
+            return 0
+        if (view.change - pos.change) & _MASK32 != len(txns):
+            self.log.warning("commit count does not match the WAL index", read=len(txns), counted=(view.change - pos.change) & _MASK32)
+            self.start_generation("commit-count-mismatch")
             return 0
         salts = (pos.salt1, pos.salt2)
 
@@ -385,6 +393,7 @@ class Capture:
             checksum2=last.chain.checksum2,
             big_endian=header.big_endian,
             page_size=ps,
+            change=((state.wal.change if state.wal else 0) + len(txns)) & _MASK32,
         )
         self.state = replace(state, txid=txid, db_pages=db_pages, db_checksum=cks, commit_time=now, wal=wal)
         self.shadow.save_state(self.state)
@@ -409,16 +418,11 @@ class Capture:
         """The WAL was restarted since our position: prove continuity or rotate."""
         assert self.state is not None and self.state.wal is not None
         pos = self.state.wal
-        new_salt1 = view.salts[0]
-        if new_salt1 != (pos.salt1 + 1) & _MASK32:
-            self.start_generation("wal-reset")
-            return 0
+        generation = self.state.generation
         fd = self._fd()
         if fd is None:
             self.start_generation("wal-missing")
             return 0
-        size = os.fstat(fd).st_size
-        captured = 0
         old_header = WalHeader(
             big_endian=pos.big_endian,
             page_size=pos.page_size,
@@ -429,62 +433,64 @@ class Capture:
             checksum2=0,
             valid=True,
         )
-        generation = self.state.generation
-        if size < frame_offset(pos.index + 1, pos.page_size):
-            # the file was truncated: only our own TRUNCATE that saw exactly our frames is safe
-            if self._own_truncate != (pos.salt1, pos.index):
-                self.start_generation("wal-truncated")
+        # 1. what remains of the old incarnation after our position
+        tail: list[FrameInfo] = []
+        if pos.index > 0 and os.fstat(fd).st_size >= frame_offset(pos.index + 1, pos.page_size):
+            tail = list(scan_frames(fd, old_header, ChainPos(pos.index, pos.checksum1, pos.checksum2)))
+        tail_txns, _ = group_transactions(tail)
+        # 2. the new incarnation, up to a pinned view (the pin stops further restarts)
+        view = self.sql.pin() or view
+        new_txns: list[Txn] = []
+        new_header = None
+        if view.mx_frame > 0:
+            new_header = self._file_header()
+            if new_header is None or new_header.salts != view.salts or new_header.page_size != pos.page_size:
+                self.start_generation("wal-reset")
                 return 0
-            tail: list[FrameInfo] = []
-        else:
-            if pos.index == 0:
-                file_header = self._file_header()
-                if file_header is None or file_header.salts != (pos.salt1, pos.salt2):
-                    self.start_generation("wal-reset")
-                    return 0
-                start = ChainPos.start(file_header)
-            else:
-                start = ChainPos(pos.index, pos.checksum1, pos.checksum2)
-            tail = list(scan_frames(fd, old_header, start))
-        txns, last = group_transactions(tail)
+            frames = list(scan_frames(fd, new_header, ChainPos.start(new_header), end_index=view.mx_frame))
+            new_txns, last = group_transactions(frames)
+            if last is None or last.index != view.mx_frame:
+                self.start_generation("wal-reset")
+                return 0
+        # 3. every commit since our position must be accounted for
+        delta = (view.change - pos.change) & _MASK32
+        if delta != len(tail_txns) + len(new_txns):
+            self.log.info("wal reset with commits we could not read", counted=delta, read=len(tail_txns) + len(new_txns))
+            self.start_generation("wal-reset")
+            return 0
 
         def tail_intact() -> bool:
-            # the new incarnation must not have reached past our position while we read
-            new_phys = self._count_frames_with_salts(fd, view.salts, pos.page_size, pos.index + 1)
-            again = self.sql.index.read()
-            return new_phys <= pos.index and again is not None and again.salts == view.salts
+            # the new incarnation must not have overwritten the tail while we read it
+            return self._count_frames_with_salts(fd, view.salts, pos.page_size, pos.index + 1) <= pos.index
 
-        if not tail_intact():
-            self.start_generation("wal-overwritten")
-            return 0
-        if txns:
-            if not self._emit(txns, fd, old_header, tail_intact):
+        captured = 0
+        if tail_txns:
+            if not self._emit(tail_txns, fd, old_header, tail_intact):
                 if self.state.generation == generation:
                     self.start_generation("wal-overwritten")
                 return 0
-            captured += len(txns)
+            captured += len(tail_txns)
             if self.state.generation != generation:
                 return captured
-        # switch to the new incarnation: position 0, chain from its header once written
-        self._own_truncate = None
+        # 4. switch to the new incarnation
+        change = (pos.change + len(tail_txns)) & _MASK32
+        if new_header is not None:
+            start = ChainPos.start(new_header)
+            big = new_header.big_endian
+        else:
+            start = ChainPos(0, 0, 0)
+            big = pos.big_endian
         self.state = replace(
             self.state,
-            wal=WalPosition(
-                salt1=view.salts[0],
-                salt2=view.salts[1],
-                index=0,
-                checksum1=0,
-                checksum2=0,
-                big_endian=pos.big_endian,
-                page_size=pos.page_size,
-            ),
+            wal=WalPosition(view.salts[0], view.salts[1], 0, start.checksum1, start.checksum2, big, pos.page_size, change),
         )
         self.shadow.save_state(self.state)
         self.wal_pages = {}
-        self.log.debug("wal restarted", salt1=view.salts[0], tail_txns=len(txns))
-        view2 = self.sql.index.read()
-        if view2 is not None and view2.salts == view.salts and view2.mx_frame > 0:
-            captured += self._capture_to(view2.mx_frame)
+        self.log.debug("wal restarted", salt1=view.salts[0], tail_txns=len(tail_txns), new_txns=len(new_txns))
+        if new_txns and new_header is not None:
+            if not self._emit(new_txns, fd, new_header):
+                return captured
+            captured += len(new_txns)
         return captured
 
     def _count_frames_with_salts(self, fd: int, salts: tuple[int, int], page_size: int, limit: int) -> int:
@@ -521,8 +527,6 @@ class Capture:
         assert self.state is not None and self.state.wal is not None
         before = self.state.wal
         result = self.sql.checkpoint(mode)
-        if mode == "TRUNCATE" and not result.busy and result.wal_frames == before.index == result.checkpointed:
-            self._own_truncate = (before.salt1, before.index)
         self.last_checkpoint = time.monotonic()
         self.log.debug("checkpoint", mode=mode, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed)
         self._repin()
@@ -562,26 +566,24 @@ class Capture:
         wal_fd = self._fd()
         overlay_sorted = sorted(overlay)
         oi = 0
-        dbfd = os.open(self.cfg.path, os.O_RDONLY)
-        try:
-            for first in range(1, db_pages + 1, chunk_pages):
-                n = min(chunk_pages, db_pages - first + 1)
-                buf = bytearray(os.pread(dbfd, n * page_size, (first - 1) * page_size))
-                if len(buf) < n * page_size:
-                    buf.extend(bytes(n * page_size - len(buf)))
-                while oi < len(overlay_sorted) and overlay_sorted[oi] < first + n:
-                    p = overlay_sorted[oi]
-                    if p >= first:
-                        assert wal_fd is not None
-                        off = (p - first) * page_size
-                        buf[off : off + page_size] = read_page(wal_fd, page_size, overlay[p])
-                    oi += 1
-                mv = memoryview(buf)
-                h = xxhash.xxh3_64_intdigest
-                hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
-                sink(mv)
-        finally:
-            os.close(dbfd)
+        dbfd = self.sql.db_fd
+        assert dbfd is not None
+        for first in range(1, db_pages + 1, chunk_pages):
+            n = min(chunk_pages, db_pages - first + 1)
+            buf = bytearray(os.pread(dbfd, n * page_size, (first - 1) * page_size))
+            if len(buf) < n * page_size:
+                buf.extend(bytes(n * page_size - len(buf)))
+            while oi < len(overlay_sorted) and overlay_sorted[oi] < first + n:
+                p = overlay_sorted[oi]
+                if p >= first:
+                    assert wal_fd is not None
+                    off = (p - first) * page_size
+                    buf[off : off + page_size] = read_page(wal_fd, page_size, overlay[p])
+                oi += 1
+            mv = memoryview(buf)
+            h = xxhash.xxh3_64_intdigest
+            hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
+            sink(mv)
         return hashes
 
     def start_generation(self, reason: str) -> None:
@@ -596,7 +598,8 @@ class Capture:
             if frames:
                 db_pages = frames[-1].commit
             else:
-                db_pages = os.stat(self.cfg.path).st_size // page_size
+                assert self.sql.db_fd is not None
+                db_pages = os.fstat(self.sql.db_fd).st_size // page_size
             overlay = {}
             for f in frames:
                 overlay[f.pgno] = f.index
@@ -623,15 +626,14 @@ class Capture:
                 artefact.close()
             if frames:
                 last = frames[-1]
-                wal = WalPosition(view.salts[0], view.salts[1], last.index, last.chain.checksum1, last.chain.checksum2, header.big_endian, page_size)
+                wal = WalPosition(view.salts[0], view.salts[1], last.index, last.chain.checksum1, last.chain.checksum2, header.big_endian, page_size, view.change)
             else:
                 big = header.big_endian if header is not None else False
-                wal = WalPosition(view.salts[0], view.salts[1], 0, 0, 0, big, page_size)
+                wal = WalPosition(view.salts[0], view.salts[1], 0, 0, 0, big, page_size, view.change)
             self.shadow.hashes.reset(generation, 0, hashes)
             self.state = CaptureState(generation, 0, page_size, db_pages, cks, now, wal)
             self.shadow.save_state(self.state)
             self.wal_pages = overlay
-            self._own_truncate = None
             self.last_snapshot = time.monotonic()
             self.rotations[reason] = self.rotations.get(reason, 0) + 1
             self.log.info("generation started", generation=generation, reason=reason, pages=db_pages)
@@ -656,7 +658,7 @@ class Capture:
                 self._handle_restart(view)
                 continue
             if view.mx_frame > pos.index:
-                self._capture_to(view.mx_frame)
+                self._capture_to(view)
             state = self.state
             if state.wal is None or state.wal.index != view.mx_frame or view.salts != (state.wal.salt1, state.wal.salt2):
                 continue

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 
+from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -488,7 +489,7 @@ def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> 
             )
         first_with_name[replica.name] = j
         if replica.scheme == "file":
-            location = Path(urlsplit(replica.url).path)
+            location = _file_url_path(replica.url)
             if location == shadow_dir or _is_within(location, shadow_dir):
                 ctx.fail(f"{replica_path}.url", "must not be inside the shadow directory")
             if location == db_path:
@@ -550,7 +551,9 @@ def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, An
         literal = not isinstance(value, _Expanded) or value.from_file
         if spec.secret and literal and ctx.literal_secrets is not None:
             ctx.literal_secrets.append(f"{path}.{key}")
-    if ctx.literal_secrets is not None and urlsplit(url).password and not isinstance(raw_url, _Expanded):
+    # a password in the user-info, a nats token, or a secret-looking query parameter
+    url_has_secret = redact_url(url) != url
+    if ctx.literal_secrets is not None and url_has_secret and not isinstance(raw_url, _Expanded):
         ctx.literal_secrets.append(f"{path}.url")
 
     return ReplicaConfig(
@@ -570,24 +573,36 @@ def _url(ctx: _Context, path: str, value: object) -> tuple[str, str]:
     if "://" not in text:
         if _SCHEME_PREFIX_RE.match(text):
             ctx.fail(path, f"malformed URL{_shown(value)} (expected SCHEME://..., or a path)", value)
-        return f"file://{_path(ctx, path, value)}", "file"
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        ctx.fail(path, f"malformed URL{_shown(value)}", value)
-    scheme = parts.scheme.lower()
+        return _file_url(_path(ctx, path, value)), "file"
+    written_scheme, _, rest = text.partition("://")
+    scheme = written_scheme.lower()
     if scheme not in SCHEMES:
-        shown = "" if isinstance(value, _Expanded) else f" {parts.scheme!r}"
+        shown = "" if isinstance(value, _Expanded) else f" {written_scheme!r}"
         hint = _suggest(scheme, SCHEMES, value=value)
         ctx.fail(path, f"unknown scheme{shown}{hint} (known schemes: {', '.join(SCHEMES)})", value)
     if scheme == "file":
+        parts = urlsplit(text)
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             ctx.fail(path, "a file URL needs an absolute path: file:///PATH (three slashes)", value)
-        return f"file://{os.path.normpath(parts.path)}", "file"
-    if scheme in _URL_HOST_NAMES and not parts.hostname:
+        if parts.query or parts.fragment:
+            message = "a file URL takes no ?query or #fragment (write '?' and '#' in paths as %3F, %23)"
+            ctx.fail(path, message, value)
+        return _file_url(Path(os.path.normpath(unquote(parts.path)))), "file"
+    # The last '@' ends the user-info, as in the drivers: passwords may hold a raw '/'.
+    location = rest.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    host = location.split("/", 1)[0].rsplit(":", 1)[0] if not location.startswith("[") else location
+    if scheme in _URL_HOST_NAMES and not host:
         ctx.fail(path, f"{scheme} URLs need {_URL_HOST_NAMES[scheme]}", value)
-    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment)), scheme
+    return f"{scheme}://{rest}", scheme
+
+
+def _file_url(path: Path) -> str:
+    """file:// URL for an absolute path, percent-encoded so that drivers can unquote it."""
+    return "file://" + quote(str(path), safe="/")
+
+
+def _file_url_path(url: str) -> Path:
+    return Path(unquote(urlsplit(url).path))
 
 
 # --- values -----------------------------------------------------------------------------

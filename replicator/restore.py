@@ -138,6 +138,7 @@ def _build(driver: Driver, p: RestorePlan, tmp: Path, progress) -> tuple[int, in
         db_pages = header.db_pages
         checksum = header.db_checksum
         commit_time = header.commit_time
+        out.flush()  # the segments below write with pwrite on the raw fd
         fd = out.fileno()
         done = False
         for seg in p.segments:

@@ -38,6 +38,7 @@ class WalPosition:
     checksum2: int
     big_endian: bool
     page_size: int
+    change: int = 0  # the WAL index's commit counter (iChange) at this position
 
 
 @dataclass(frozen=True)

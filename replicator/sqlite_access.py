@@ -62,6 +62,10 @@ class SqliteAccess:
         self.index = WalIndexReader(self.shm_path)
         self.pinned_view: WalIndexHeader | None = None
         self.page_size = 0
+        # POSIX locks belong to the process: closing ANY fd on the database file drops the
+        # locks SQLite holds through its own fds (our pin among them). So the agent opens
+        # the file once, for its raw page reads, and closes it only after SQLite is done.
+        self.db_fd: int | None = None
 
     def open(self) -> None:
         """Open the connections; DatabaseUnavailable when the database cannot be replicated."""
@@ -79,6 +83,7 @@ class SqliteAccess:
             self.page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])
             self.pin_conn = conn
             self.ckpt_conn = _open(self.db_path, self._checkpoint_busy_ms)
+            self.db_fd = os.open(self.db_path, os.O_RDONLY | os.O_CLOEXEC)
         except apsw.Error as e:
             self.close()
             raise DatabaseUnavailable(f"cannot open database {self.db_path}: {e}") from None
@@ -92,6 +97,9 @@ class SqliteAccess:
                 except apsw.Error:
                     pass
         self.pin_conn = self.ckpt_conn = None
+        if self.db_fd is not None:
+            os.close(self.db_fd)
+            self.db_fd = None
         self.index.close()
 
     # -- pin ----------------------------------------------------------------------------
@@ -139,8 +147,3 @@ class SqliteAccess:
         except apsw.LockedError:
             return CheckpointResult(mode, True, -1, -1)
 
-    def wal_fd(self) -> int | None:
-        try:
-            return os.open(self.wal_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -465,6 +466,18 @@ def test_file_url_normalised():
     assert replica.url == "file:///var/backups/app"
 
 
+def test_file_paths_with_special_characters_are_percent_encoded():
+    text = "dbs: [{path: /d/app.db, replicas: [{url: '/var/my backups/50%'}, {name: two, url: 'file:///srv/a%20b'}]}]"
+    first, second = parse(text).dbs[0].replicas
+    assert first.url == "file:///var/my%20backups/50%25"
+    assert second.url == "file:///srv/a%20b"
+
+
+def test_password_with_slash_in_userinfo_is_accepted():
+    replica = parse("dbs: [{path: /d/a.db, replicas: [{url: 'sftp://u:pa/ss@host:22/srv'}]}]").dbs[0].replicas[0]
+    assert replica.url == "sftp://u:pa/ss@host:22/srv"
+
+
 def test_scheme_lowercased():
     replica = parse("dbs: [{path: /d/app.db, replicas: [{url: 'S3://bucket/app'}]}]").dbs[0].replicas[0]
     assert (replica.url, replica.scheme) == ("s3://bucket/app", "s3")
@@ -479,7 +492,8 @@ def test_scheme_lowercased():
         ("s3:///prefix", "s3 URLs need a bucket"),
         ("sftp:///srv", "sftp URLs need a host"),
         ("s3:/bucket/x", "malformed URL 's3:/bucket/x'"),
-        ("sftp://host:notaport/x", "malformed URL"),
+        ("file:///x?mode=fast", "a file URL takes no ?query"),
+        ("nats://:4222/bucket", "nats URLs need a server"),
     ],
 )
 def test_bad_urls(url, expected):
@@ -972,6 +986,19 @@ def test_password_in_url_counts_as_literal_secret(tmp_path):
     assert "dbs[0].replicas[0].url" in load_config(file, environ={}).warnings[0]
 
 
+@pytest.mark.parametrize("url", ["nats://s3cr3t@h/b", "s3://b/x?secret-access-key=abc"])
+def test_token_or_secret_query_in_url_counts_as_literal_secret(tmp_path, url):
+    file = write(tmp_path / "r.yml", f"dbs: [{{path: /d/a.db, replicas: [{{url: '{url}'}}]}}]", mode=0o644)
+    warnings = load_config(file, environ={}).warnings
+    assert len(warnings) == 1 and "dbs[0].replicas[0].url" in warnings[0]
+    assert "s3cr3t" not in warnings[0] and "abc" not in warnings[0]
+
+
+def test_url_from_env_does_not_warn(tmp_path):
+    file = write(tmp_path / "r.yml", "dbs: [{path: /d/a.db, replicas: [{url: '${URL}'}]}]", mode=0o644)
+    assert load_config(file, environ={"URL": "sftp://u:pw@h/x"}).warnings == ()
+
+
 def test_parse_config_does_not_warn():
     assert parse(SECRET_FILE, {"NATS_TOKEN": "t"}).warnings == ()
 
@@ -1074,3 +1101,15 @@ def test_config_error_is_plain_exception_with_one_line():
     assert str(err) == "a b"
     assert isinstance(err, Exception)
     assert os.linesep not in str(err)
+
+
+def test_docs_examples_parse():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 2
+    env = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}
+    configs = [parse_config(block, source=SRC, environ=env) for block in blocks]
+    full = configs[-1]
+    assert [db.path for db in full.dbs] == [Path("/data/app.db"), Path("/data/analytics.db")]
+    assert [r.name for r in full.dbs[0].replicas] == ["local", "offsite"]
+    assert [r.scheme for r in full.dbs[1].replicas] == ["sftp", "nats"]

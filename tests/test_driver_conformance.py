@@ -30,6 +30,7 @@ from replicas import (
     NotFound,
     PermissionDenied,
     PreconditionFailed,
+    RetryingDriver,
     StorageError,
     open_driver,
     validate_key,
@@ -46,9 +47,14 @@ def _mem_driver(tmp_path: Path) -> Driver:
     return open_driver(f"mem://conformance-{uuid.uuid4().hex}")
 
 
+def _retrying_file_driver(tmp_path: Path) -> Driver:
+    return RetryingDriver(_file_driver(tmp_path))  # wrappers must be conformant too
+
+
 DRIVER_FACTORIES: list[tuple[str, Callable[[Path], Driver]]] = [
     ("file", _file_driver),
     ("mem", _mem_driver),
+    ("retry+file", _retrying_file_driver),
 ]
 
 # Drivers whose objects live in this process: their put may hold the object once.
@@ -96,7 +102,9 @@ class PatternStream(io.RawIOBase):
 
 
 @pytest.mark.parametrize("as_stream", [False, True], ids=["bytes", "stream"])
-@pytest.mark.parametrize("payload", [b"", b"hello, replica", bytes(range(256)) * 4097], ids=["empty", "small", "1MiB+"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"hello, replica", bytes(range(256)) * 4097], ids=["empty", "small", "1MiB+"]
+)
 def test_round_trip(driver: Driver, payload: bytes, as_stream: bool) -> None:
     data = io.BytesIO(payload) if as_stream else payload
     info = driver.put("obj", data)
@@ -396,7 +404,8 @@ def test_range_reads(driver: Driver) -> None:
         pytest.skip("driver does not declare RANGE_READ")
     data = bytes(range(256)) * 40
     driver.put("r", data)
-    cases = [(0, 10), (5, None), (100, 50), (len(data) - 3, 10), (len(data), None), (len(data) + 9, 5), (7, 0), (0, None)]
+    end = len(data)
+    cases = [(0, 10), (5, None), (100, 50), (end - 3, 10), (end, None), (end + 9, 5), (7, 0), (0, None)]
     for offset, length in cases:
         expected = data[offset:] if length is None else data[offset : offset + length]
         assert driver.get_bytes("r", offset=offset, length=length) == expected, (offset, length)

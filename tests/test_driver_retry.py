@@ -31,17 +31,17 @@ class FlakyDriver(MemDriver):
         self.raised: list[StorageError] = []
         self.closed = False
 
-    def _maybe_fail(self, operation: str) -> None:
+    def _maybe_fail(self, operation: str, data: object = None) -> None:
         self.calls[operation] += 1
         if self.calls[operation] <= self.failures:
+            if hasattr(data, "read"):
+                data.read(3)  # a failed upload has consumed some of the stream
             exc = self.error(f"{operation} failed, call {self.calls[operation]}")
             self.raised.append(exc)
             raise exc
 
     def put(self, key, data, **kwargs):  # type: ignore[no-untyped-def]
-        if hasattr(data, "read"):
-            data.read(3)  # consume some of the stream before failing
-        self._maybe_fail("put")
+        self._maybe_fail("put", data)
         return super().put(key, data, **kwargs)
 
     def get(self, key, **kwargs):  # type: ignore[no-untyped-def]
@@ -103,7 +103,9 @@ def test_other_errors_are_not_retried(error: type[StorageError]) -> None:
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
-    drv, sleeps = wrap(FlakyDriver(failures=100), attempts=6, base_delay=0.1, max_delay=0.5, jitter=lambda: 1.0)
+    drv, sleeps = wrap(
+        FlakyDriver(failures=100), attempts=6, base_delay=0.1, max_delay=0.5, jitter=lambda: 1.0
+    )
     with pytest.raises(Transient):
         drv.head("k")
     assert sleeps == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])

@@ -1,0 +1,167 @@
+"""End to end: a real writer process, a real agent process, a file replica, a real restore."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import (
+    AgentProcess,
+    assert_same_pages,
+    checkpoint,
+    cli,
+    integrity,
+    replica_keys,
+    rows,
+    start_writer,
+    wait_for,
+    write,
+    write_config,
+)
+
+
+def _has_snapshot(replica: Path) -> bool:
+    return any(k.endswith(".snapshot") for k in replica_keys(replica))
+
+
+@pytest.mark.parametrize("page_size", [1024, 4096, 65536])
+def test_restore_equals_source_page_for_page(tmp_path, page_size):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]], page_size=page_size)
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 150, 300], ["batch", 200, 500], ["update", 50], ["delete_fraction", 0.3], ["insert", 30, 2000]], lib="apsw")
+        assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+    assert rows(out) == rows(db)
+    assert not list(tmp_path.glob(".restored.db.tmp-*"))
+
+
+def test_point_in_time_by_txid_and_timestamp(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert_rate", 40, 100, 200]], lib="apsw")
+        assert agent.stop() == 0
+    gens = json.loads(cli("generations", "--json", f"file://{replica}", check=True).stdout)
+    assert len(gens) == 1, gens
+    times = {}
+    for k in (0, 1, 7, 23, 40):
+        out = tmp_path / f"at-{k}.db"
+        cli("restore", "--txid", str(k), "-o", str(out), f"file://{replica}", check=True)
+        assert rows(out) == list(range(1, k + 1)), f"txid {k}"
+        assert integrity(out) == "ok"
+    # the time of each commit, from the segment headers, drives timestamp restores
+    from replicas import open_driver
+    from replicator.restore import list_artefacts
+    from replicator.artefact import read_header
+
+    d = open_driver(f"file://{replica}")
+    for key in list_artefacts(d):
+        with d.get(key.key) as f:
+            h = read_header(f)
+        for t in h.txns:
+            times[t.txid] = t.commit_time
+    for k in (1, 7, 23, 39):
+        mid = (times[k] + times[k + 1]) / 2
+        from datetime import datetime, timezone
+
+        stamp = datetime.fromtimestamp(mid, timezone.utc).isoformat().replace("+00:00", "Z")
+        out = tmp_path / f"time-{k}.db"
+        cli("restore", "--timestamp", stamp, "-o", str(out), f"file://{replica}", check=True)
+        assert rows(out) == list(range(1, k + 1)), f"time after txid {k}"
+
+
+def test_app_checkpoints_every_mode_while_writing(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=20, checkpoint_interval="1s")
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        steps = []
+        for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            steps += [["insert", 25, 400], ["checkpoint", mode], ["batch", 50, 300]]
+        steps += [["autocheckpoint", 2], ["insert", 60, 700], ["update", 40]]
+        write(db, steps, lib="apsw")
+        assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+
+
+def test_vacuum_and_shrinking_database(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["batch", 2000, 800]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["delete_fraction", 0.9], ["vacuum"], ["insert", 20, 100]], lib="apsw")
+        assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+
+
+def test_existing_target_refused_and_force_replaces(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 5, 10]])
+    with AgentProcess(str(db), f"file://{replica}") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        assert agent.stop() == 0
+    out = tmp_path / "out.db"
+    out.write_bytes(b"precious")
+    p = cli("restore", "-o", str(out), f"file://{replica}")
+    assert p.returncode != 0 and "already exists" in p.stderr and "Traceback" not in p.stderr
+    assert out.read_bytes() == b"precious"
+    p = cli("restore", "--if-db-not-exists", "-o", str(out), f"file://{replica}")
+    assert p.returncode == 0 and out.read_bytes() == b"precious"
+    Path(f"{out}-wal").write_bytes(b"stale wal")
+    cli("restore", "--force", "-o", str(out), f"file://{replica}", check=True)
+    assert not Path(f"{out}-wal").exists()
+    assert rows(out) == [2, 3, 4, 5, 6]  # the schema was commit 1
+
+
+def test_if_replica_exists_and_dry_run(tmp_path):
+    out = tmp_path / "out.db"
+    p = cli("restore", "--if-replica-exists", "-o", str(out), f"file://{tmp_path / 'empty'}")
+    assert p.returncode == 0, p.stderr
+    assert not out.exists()
+    p = cli("restore", "-o", str(out), f"file://{tmp_path / 'empty'}")
+    assert p.returncode == 1 and "nothing to restore" in p.stderr and "Traceback" not in p.stderr
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 3, 10]])
+    with AgentProcess(str(db), f"file://{replica}") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 3, 10]])
+        assert agent.stop() == 0
+    p = cli("restore", "--dry-run", "-o", str(out), f"file://{replica}", check=True)
+    assert "snapshot:" in p.stdout and "segment:" in p.stdout and not out.exists()
+
+
+def test_listings(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    with AgentProcess(str(db), f"file://{replica}") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 10, 10]])
+        assert agent.stop() == 0
+    gens = json.loads(cli("generations", "--json", f"file://{replica}", check=True).stdout)
+    assert len(gens) == 1 and gens[0]["restorable"] and gens[0]["last_txid"] == 10
+    snaps = json.loads(cli("snapshots", "--json", f"file://{replica}", check=True).stdout)
+    assert [s["txid"] for s in snaps] == [0]
+    segs = json.loads(cli("segments", "--json", f"file://{replica}", check=True).stdout)
+    covered = sorted(t for s in segs for t in range(s["first_txid"], s["last_txid"] + 1))
+    assert covered == list(range(1, 11))
+    text = cli("segments", f"file://{replica}", check=True).stdout
+    assert text.splitlines()[0].split()[:2] == ["REPLICA", "GENERATION"]
+    assert cli("--version", check=True).stdout.startswith("replicator ")
