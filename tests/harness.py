@@ -67,19 +67,34 @@ class AgentProcess:
 
     def __init__(self, *args: str, log: Path | None = None):
         self.args = args
+        if log is None:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix="replicator-agent-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "AgentProcess":
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "replicate", "--log-format", "json", "--log-level", "debug", *self.args],
-            stdout=out,
-            stderr=out,
-            env=env(),
-            cwd=ROOT,
-        )
+    def start(self, *, ready_timeout: float = 60) -> "AgentProcess":
+        """Start the agent and wait until it has started replicating."""
+        before = self._ready_lines()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "replicate", "--log-format", "json", "--log-level", "debug", *self.args],
+                stdout=out,
+                stderr=out,
+                env=env(),
+                cwd=ROOT,
+            )
+        wait_for(lambda: self._ready_lines() > before or self.proc.poll() is not None, timeout=ready_timeout, what="agent start")
         return self
+
+    def _ready_lines(self) -> int:
+        try:
+            return self.log.read_text(errors="replace").count('"event": "replicating"')
+        except FileNotFoundError:
+            return 0
 
     def stop(self, timeout: float = 60) -> int:
         assert self.proc is not None

@@ -13,6 +13,7 @@ SCRIPT_JSON is a list of steps, each [name, *args]:
     ["autocheckpoint", pages]           PRAGMA wal_autocheckpoint=pages
     ["vacuum"]
     ["big", mib]                        one transaction writing about `mib` MiB
+    ["fill", mib, per_tx]               about `mib` MiB of compressible rows, per_tx MiB a transaction
     ["sleep", seconds]
     ["forever", size, tps]              insert until killed
 Each committed transaction prints "commit <n> <unix time after commit>" (n counts commits).
@@ -112,6 +113,12 @@ def main() -> None:
             mib = args[0]
             chunk = 1 << 20
             db.tx(lambda: [db.execute("INSERT INTO t (v, n) VALUES (?, ?)", (payload(rng, chunk), -1)) for _ in range(mib)])
+        elif name == "fill":
+            # about `mib` MiB of very compressible rows, `per_tx` MiB per transaction
+            mib, per_tx = args
+            row = bytes([7]) * (256 << 10)
+            for _ in range(0, mib, per_tx):
+                db.tx(lambda: [db.execute("INSERT INTO t (v, n) VALUES (?, ?)", (row, -2)) for _ in range(per_tx * 4)])
         elif name == "sleep":
             time.sleep(args[0])
         else:

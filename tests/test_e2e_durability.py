@@ -1,0 +1,136 @@
+"""End to end under stress: the agent SIGKILLed at random moments, the app killed mid
+transaction, agent restarts, one huge transaction, a database crossing the 1 GiB lock-byte
+page. Every restore passes integrity_check and equals the source."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from harness import (
+    AgentProcess,
+    assert_same_pages,
+    checkpoint,
+    cli,
+    integrity,
+    replica_keys,
+    rows,
+    start_writer,
+    wait_for,
+    write,
+    write_config,
+)
+
+
+def _has_snapshot(replica: Path) -> bool:
+    return any(k.endswith(".snapshot") for k in replica_keys(replica))
+
+
+def _generations(replica: Path) -> list[dict]:
+    return json.loads(cli("generations", "--json", f"file://{replica}", check=True).stdout)
+
+
+def test_agent_sigkilled_at_random_moments_while_app_writes(tmp_path):
+    seed = int(os.environ.get("TORTURE_SEED", random.randrange(1 << 30)))
+    rounds = int(os.environ.get("TORTURE_ROUNDS", "12"))
+    print(f"seed={seed} rounds={rounds}")
+    rng = random.Random(seed)
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(
+        tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=40, checkpoint_interval="1s", snapshot_interval="3s"
+    )
+    writer = start_writer(db, [["forever", 300, 250]], lib="apsw", seed=seed)
+    restores = 0
+    try:
+        for i in range(rounds):
+            agent = AgentProcess("-c", str(cfg), log=tmp_path / "agent.log").start()
+            time.sleep(rng.uniform(0.05, 0.8))
+            agent.kill()
+            if i % 4 == 3 and _has_snapshot(replica):
+                # a restore taken while the agent is dead is a prefix of committed history
+                out = tmp_path / f"mid-{i}.db"
+                cli("restore", "-o", str(out), f"file://{replica}", check=True)
+                got = rows(out)
+                assert integrity(out) == "ok"
+                assert got == list(range(1, len(got) + 1)), f"round {i}: not a prefix of history"
+                restores += 1
+        agent = AgentProcess("-c", str(cfg), log=tmp_path / "agent.log").start()
+        time.sleep(0.5)
+    finally:
+        writer.kill()  # the app dies mid-transaction
+        writer.wait()
+    assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+    final = rows(out)
+    assert final == list(range(1, len(final) + 1)) and len(final) > 50
+    print(f"kills={rounds} restores={restores + 1} failures=0 generations={len(_generations(replica))}")
+
+
+def test_restarted_agent_continues_the_same_generation(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    keeper = start_writer(db, [["insert", 5, 100], ["sleep", 60]], lib="apsw")  # the app stays connected
+    try:
+        wait_for(lambda: len(rows(db)) == 5, what="first rows")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 20, 100]], lib="apsw")
+        assert agent.stop() == 0  # graceful
+        write(db, [["insert", 20, 100]], lib="apsw")  # written while the agent is down
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        write(db, [["insert", 20, 100]], lib="apsw")
+        time.sleep(0.3)
+        agent.kill()  # crash
+        write(db, [["insert", 20, 100], ["checkpoint", "PASSIVE"], ["insert", 10, 100]], lib="apsw")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        write(db, [["insert", 10, 100]], lib="apsw")
+        assert agent.stop() == 0
+    finally:
+        keeper.kill()
+        keeper.wait()
+    gens = _generations(replica)
+    assert len(gens) == 1, gens
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert_same_pages(out, db)
+    assert integrity(out) == "ok"
+
+
+def test_transaction_over_100_mib(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 3, 100]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["big", 110], ["insert", 3, 100]], lib="apsw")
+        assert agent.stop(timeout=300) == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True, timeout=300)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+
+
+def test_database_crossing_the_lock_byte_page(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 3, 100]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=20000)
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["fill", 1100, 64], ["insert", 3, 100]], lib="apsw", timeout=900)
+        assert agent.stop(timeout=600) == 0
+    assert db.stat().st_size > (1 << 30) or (Path(f"{db}-wal").exists() and Path(f"{db}-wal").stat().st_size > 0)
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True, timeout=600)
+    checkpoint(db)
+    assert db.stat().st_size > (1 << 30) + 4096
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
