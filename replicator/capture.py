@@ -102,6 +102,7 @@ class Capture:
         self.opened = False
         self.last_checkpoint = time.monotonic()
         self.last_snapshot = time.monotonic()
+        self._last_ckpt: tuple[tuple[int, int] | None, int] = (None, 0)  # (salts, frames) at the last checkpoint
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
         self._zero_hash: dict[int, int] = {}
@@ -165,18 +166,52 @@ class Capture:
             return
         self.state = state
         view = self.sql.pin()
-        if state.wal is None or view is None:
+        pos = state.wal
+        if pos is None or view is None:
             self.start_generation("no-wal-position")
             return
-        if view.salts == (state.wal.salt1, state.wal.salt2):
-            header = self._file_header()
-            if state.wal.index == 0:
-                self.wal_pages = {}
-            elif header is None or header.salts != view.salts or not self._rebuild_wal_pages(header, state.wal):
+        # The WAL index's commit counter only counts while the -shm file lives, and the
+        # app may have closed (deleting WAL and -shm) while the agent was down: across a
+        # restart of the agent, continuity is proven from the files alone.
+        if pos.index == 0:
+            # our position had no WAL frames: continue only if nothing was written since,
+            # i.e. the WAL is still empty and the database file is what we captured
+            if view.mx_frame != 0 or not self._db_file_matches(state):
                 self.start_generation("wal-mismatch")
                 return
+            baseline = view.change
+        else:
+            header = self._file_header()
+            if view.salts != (pos.salt1, pos.salt2) or header is None or header.salts != view.salts:
+                self.start_generation("wal-reset")  # the WAL restarted while the agent was down
+                return
+            if not self._rebuild_wal_pages(header, pos):
+                self.start_generation("wal-mismatch")
+                return
+            fd = self._fd()
+            assert fd is not None
+            frames = list(scan_frames(fd, header, ChainPos(pos.index, pos.checksum1, pos.checksum2), end_index=view.mx_frame))
+            txns, last = group_transactions(frames)
+            if view.mx_frame > pos.index and (last is None or last.index != view.mx_frame):
+                self.start_generation("wal-mismatch")
+                return
+            baseline = (view.change - len(txns)) & _MASK32
+        self.state = replace(state, wal=replace(pos, salt1=view.salts[0], salt2=view.salts[1], change=baseline))
         self.log.info("resumed", generation=state.generation, txid=state.txid)
         self.step()
+
+    def _db_file_matches(self, state: CaptureState) -> bool:
+        """True when the database file alone holds exactly the captured state."""
+        assert self.sql.db_fd is not None
+        size = os.fstat(self.sql.db_fd).st_size
+        if size != state.db_pages * state.page_size:
+            return False
+        before = self.sql.index.read()
+        hashes = self._read_image(state.page_size, state.db_pages, {}, lambda mv: None)
+        after = self.sql.index.read()
+        if before is None or after is None or (before.salts, before.mx_frame, before.n_backfill) != (after.salts, after.mx_frame, after.n_backfill):
+            return False
+        return (int(np.bitwise_xor.reduce(hashes)) if state.db_pages else 0) == state.db_checksum
 
     def _load_hashes(self, state: CaptureState) -> str | None:
         """Open the page-hash table at state's position, replaying shadow segments it lags."""
@@ -505,30 +540,57 @@ class Capture:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def maybe_checkpoint(self) -> CheckpointResult | None:
-        """Run the checkpoint the thresholds call for, if any."""
+        """Run the checkpoint the thresholds call for, if any.
+
+        When a checkpoint could not reset the WAL (a reader of the app holds it), the next
+        one waits until the WAL has grown by another threshold or a second has passed.
+        """
         if not self.opened or self.state is None or self.state.wal is None:
             return None
-        frames = self.state.wal.index
+        pos = self.state.wal
+        frames = pos.index
         cfg = self.cfg
+        since = time.monotonic() - self.last_checkpoint
+        if self._last_ckpt[0] == (pos.salt1, pos.salt2):
+            grown = frames - self._last_ckpt[1]
+        else:
+            grown = frames
+        due = grown >= cfg.min_checkpoint_page_count or since >= 1.0
         mode = None
-        if cfg.truncate_page_count and frames >= cfg.truncate_page_count and time.monotonic() - self.last_checkpoint >= 1.0:
+        if cfg.truncate_page_count and frames >= cfg.truncate_page_count and due:
             mode = "TRUNCATE"
-        elif frames >= cfg.min_checkpoint_page_count and time.monotonic() - self.last_checkpoint >= 1.0:
+        elif frames >= cfg.min_checkpoint_page_count and due:
             mode = "PASSIVE"
-        elif cfg.checkpoint_interval and frames > 0 and time.monotonic() - self.last_checkpoint >= cfg.checkpoint_interval:
+        elif cfg.checkpoint_interval and frames > 0 and since >= cfg.checkpoint_interval:
             mode = "PASSIVE"
         if mode is None:
             return None
+        self._last_ckpt = ((pos.salt1, pos.salt2), frames)
         return self.checkpoint(mode)
 
     def checkpoint(self, mode: str) -> CheckpointResult:
-        """Capture everything, checkpoint with the pin released, re-pin and follow a restart."""
+        """Capture everything, checkpoint with the pin released, re-pin and follow a restart.
+
+        A PASSIVE checkpoint runs under a brief write-lock barrier (see
+        SqliteAccess.hold_write_lock): capture first reads the last commits, so the WAL
+        restart that follows leaves no tail behind.
+        """
         self.step()
         assert self.state is not None and self.state.wal is not None
-        before = self.state.wal
-        result = self.sql.checkpoint(mode)
+        barrier = mode == "PASSIVE" and self.sql.hold_write_lock()
+        try:
+            if barrier:
+                view = self.sql.index.read()
+                pos = self.state.wal
+                if view is not None and pos is not None and view.salts == (pos.salt1, pos.salt2) and view.mx_frame > pos.index:
+                    self._capture_to(view)
+            result = self.sql.checkpoint(mode)
+        finally:
+            self.sql.release_write_lock()
         self.last_checkpoint = time.monotonic()
-        self.log.debug("checkpoint", mode=mode, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed)
+        self.log.debug(
+            "checkpoint", mode=mode, barrier=barrier, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed
+        )
         self._repin()
         self.step()
         return result

@@ -102,9 +102,16 @@ def restore(
     tmp = temp_path(output)
     try:
         result = _build(driver, p, tmp, progress)
-        verdict = integrity_check(tmp)
+        try:
+            verdict = integrity_check(tmp)
+        except apsw.Error as e:  # e.g. NotADBError, CorruptError: a failed check, not a crash
+            verdict = f"{type(e).__name__}: {e}"
         if verdict != "ok":
-            raise RestoreError(f"restored database fails integrity_check: {verdict}")
+            verdict = " ".join(verdict.split())
+            raise RestoreError(
+                f"restored database fails integrity_check: {verdict} (txid {result[0]} of generation "
+                f"{p.generation}, from {p.snapshot.key} and {len(p.segments)} segment(s))"
+            )
         if force:
             for suffix in ("-wal", "-shm", "-journal"):
                 Path(f"{output}{suffix}").unlink(missing_ok=True)

@@ -10,6 +10,7 @@ into the database.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class SqliteAccess:
         self.ckpt_conn: apsw.Connection | None = None
         self.index = WalIndexReader(self.shm_path)
         self.pinned_view: WalIndexHeader | None = None
+        self.barrier = False
         self.page_size = 0
         # POSIX locks belong to the process: closing ANY fd on the database file drops the
         # locks SQLite holds through its own fds (our pin among them). So the agent opens
@@ -83,6 +85,9 @@ class SqliteAccess:
             self.page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])
             self.pin_conn = conn
             self.ckpt_conn = _open(self.db_path, self._checkpoint_busy_ms)
+            # a connection opens the WAL only when it first reads; until then its
+            # checkpoints silently do nothing (nLog = -1)
+            self.ckpt_conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
             self.db_fd = os.open(self.db_path, os.O_RDONLY | os.O_CLOEXEC)
         except apsw.Error as e:
             self.close()
@@ -133,12 +138,51 @@ class SqliteAccess:
         if self.pin_conn is not None and not self.pin_conn.getautocommit():
             self.pin_conn.execute("ROLLBACK")
         self.pinned_view = None
+        self.barrier = False
+
+    # -- the checkpoint barrier -----------------------------------------------------------
+    def hold_write_lock(self, timeout: float = 0.05) -> bool:
+        """Take SQLite's write lock (BEGIN IMMEDIATE, writing nothing) for a moment.
+
+        While it is held no transaction can commit, so capture can read everything that
+        is committed and a PASSIVE checkpoint can backfill the whole WAL; when it is
+        released, the app's next write finds the WAL fully backfilled and restarts it.
+        Without this, a PASSIVE checkpoint that completes while the app is inside a
+        transaction never lets the WAL restart. App writers wait for it with their busy
+        handler. False (and nothing held) when the lock is not free within timeout.
+
+        SQLite's busy handler sleeps 1, 2, 5, 10... ms between tries, which mostly misses
+        the short gaps between a busy writer's transactions; polling every 0.2 ms
+        catches them.
+        """
+        assert self.pin_conn is not None
+        self.unpin()
+        deadline = time.monotonic() + timeout
+        self.pin_conn.set_busy_timeout(0)
+        try:
+            while True:
+                try:
+                    self.pin_conn.execute("BEGIN IMMEDIATE")
+                    self.barrier = True
+                    return True
+                except apsw.BusyError:
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.0002)
+        finally:
+            self.pin_conn.set_busy_timeout(5000)
+
+    def release_write_lock(self) -> None:
+        if self.barrier:
+            self.unpin()
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint(self, mode: str) -> CheckpointResult:
-        """Run a checkpoint with the pin released; the caller re-pins afterwards."""
+        """Run a checkpoint with the pin released (the barrier may be held); the caller
+        releases the barrier and re-pins afterwards."""
         assert self.ckpt_conn is not None
-        self.unpin()
+        if not self.barrier:
+            self.unpin()
         try:
             nlog, nckpt = self.ckpt_conn.wal_checkpoint(mode=CHECKPOINT_MODES[mode])
             return CheckpointResult(mode, False, nlog, nckpt)

@@ -82,27 +82,52 @@ def test_restarted_agent_continues_the_same_generation(tmp_path):
         wait_for(lambda: len(rows(db)) == 5, what="first rows")
         agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
         wait_for(lambda: _has_snapshot(replica), what="first snapshot")
-        write(db, [["insert", 20, 100]], lib="apsw")
+        write(db, [["autocheckpoint", 0], ["insert", 20, 100]], lib="apsw")
         assert agent.stop() == 0  # graceful
         write(db, [["insert", 20, 100]], lib="apsw")  # written while the agent is down
         agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
         write(db, [["insert", 20, 100]], lib="apsw")
         time.sleep(0.3)
         agent.kill()  # crash
-        write(db, [["insert", 20, 100], ["checkpoint", "PASSIVE"], ["insert", 10, 100]], lib="apsw")
+        write(db, [["insert", 20, 100]], lib="apsw")
         agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
         write(db, [["insert", 10, 100]], lib="apsw")
+        assert agent.stop() == 0
+        assert len(_generations(replica)) == 1, "a plain restart must continue the generation"
+        # the app checkpoints (resetting the WAL) while the agent is down: a new generation
+        write(db, [["insert", 5, 100], ["checkpoint", "TRUNCATE"], ["insert", 5, 100]], lib="apsw")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        write(db, [["insert", 5, 100]], lib="apsw")
         assert agent.stop() == 0
     finally:
         keeper.kill()
         keeper.wait()
-    gens = _generations(replica)
-    assert len(gens) == 1, gens
+    assert len(_generations(replica)) == 2
     out = tmp_path / "restored.db"
     cli("restore", "-o", str(out), f"file://{replica}", check=True)
     checkpoint(db)
     assert_same_pages(out, db)
     assert integrity(out) == "ok"
+
+
+def test_app_writes_and_closes_while_agent_is_down(tmp_path):
+    """Each app connection's close checkpoints and deletes the WAL and -shm; the commit
+    counter restarts with them, so it must not be trusted across the agent's downtime."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+    wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+    assert agent.stop() == 0
+    for _ in range(5):
+        write(db, [["insert", 1, 100]])  # separate processes: each close deletes the WAL
+    agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+    write(db, [["insert", 3, 100]], lib="apsw")
+    assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert len(rows(out)) == 8
+    assert_same_pages(out, db)
 
 
 def test_transaction_over_100_mib(tmp_path):

@@ -1,0 +1,127 @@
+"""End to end: the agent owns checkpointing, enforces retention, restores by config."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from harness import (
+    AgentProcess,
+    assert_same_pages,
+    checkpoint,
+    cli,
+    integrity,
+    replica_keys,
+    rows,
+    start_writer,
+    wait_for,
+    write,
+    write_config,
+)
+
+
+def _has_snapshot(replica: Path) -> bool:
+    return any(k.endswith(".snapshot") for k in replica_keys(replica))
+
+
+def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=100)
+    wal = Path(f"{db}-wal")
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        # the app never checkpoints: only the agent's checkpoints can reset the WAL
+        writer = start_writer(db, [["autocheckpoint", 0], ["insert", 800, 500]], lib="apsw")
+        peak = 0
+        while writer.poll() is None:
+            if wal.exists():
+                peak = max(peak, wal.stat().st_size)
+            time.sleep(0.01)
+        assert writer.returncode == 0
+        assert agent.stop() == 0
+    # 800 commits of one or two pages each would be 4-7 MiB of WAL without checkpoints
+    assert 0 < peak < 2 << 20, f"WAL grew to {peak} bytes"
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    checkpoint(db)
+    assert_same_pages(out, db)
+
+
+def test_retention_prunes_old_snapshots_and_segments(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(
+        tmp_path / "r.yml", db, f"file://{replica}", snapshot_interval="1s", retention="2s", retention_check_interval="1s"
+    )
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        writer = start_writer(db, [["insert_rate", 150, 100, 30]], lib="apsw")
+        assert writer.wait(60) == 0
+
+        def pruned():
+            snaps = json.loads(cli("snapshots", "--json", f"file://{replica}", check=True).stdout)
+            return snaps and min(s["txid"] for s in snaps) > 0
+        wait_for(pruned, timeout=30, what="old snapshots pruned")
+        assert agent.stop() == 0
+    snaps = json.loads(cli("snapshots", "--json", f"file://{replica}", check=True).stdout)
+    segs = json.loads(cli("segments", "--json", f"file://{replica}", check=True).stdout)
+    oldest = min(s["txid"] for s in snaps)
+    assert all(s["last_txid"] > oldest for s in segs), "segments before the oldest retained snapshot remain"
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    assert rows(out) == list(range(1, 151))
+    # the oldest retained snapshot is still a restore point
+    early = tmp_path / "early.db"
+    cli("restore", "--txid", str(oldest), "-o", str(early), f"file://{replica}", check=True)
+    assert rows(early) == list(range(1, oldest + 1))
+
+
+def test_restore_by_database_path_from_config(tmp_path, monkeypatch):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 7, 50]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}")
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        assert agent.stop() == 0
+    # the node is lost: the database and its shadow are gone
+    for p in tmp_path.glob("app.db*"):
+        p.unlink()
+    p = cli("restore", "-c", str(cfg), "--if-db-not-exists", str(db))
+    assert p.returncode == 0, p.stderr
+    assert rows(db) == [2, 3, 4, 5, 6, 7, 8] and integrity(db) == "ok"
+    p = cli("restore", "-c", str(cfg), "--if-db-not-exists", str(db))
+    assert p.returncode == 0 and "nothing to do" in p.stderr
+    gen = json.loads(cli("generations", "--json", "-c", str(cfg), str(db), check=True).stdout)[0]["generation"]
+    other = tmp_path / "other.db"
+    cli("restore", "-c", str(cfg), "--generation", gen, "--txid", "0", "-o", str(other), str(db), check=True)
+    assert rows(other) == [2, 3, 4, 5, 6, 7, 8]
+    p = cli("restore", "-c", str(cfg), "--replica", "nope", "-o", str(tmp_path / "x.db"), str(db))
+    assert p.returncode == 2 and "no replica named 'nope'" in p.stderr
+    p = cli("restore", "-c", str(cfg), "--generation", "20200101T000000000000Z-abcd", "-o", str(tmp_path / "x.db"), str(db))
+    assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("dbs:\n  - path: /tmp/x.db\n    replicas:\n      - url: file:///tmp/r\n        retension: 1h\n")
+    p = cli("replicate", "-c", str(bad))
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1 and "retension" in p.stderr and "Traceback" not in p.stderr
+    p = cli("replicate", "-c", str(tmp_path / "missing.yml"))
+    assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_sigterm_ships_what_is_committed(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", monitor_interval="1h")
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 30, 100]], lib="apsw")
+        assert agent.stop() == 0
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    assert rows(out) == list(range(1, 31))
