@@ -21,14 +21,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import xxhash
 
 from replicator import keys
 from replicator.artefact import SegmentWriter, SnapshotWriter, page_hash
-from replicator.config import DbConfig
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
 from replicator.walindex import WalIndexHeader
@@ -42,6 +41,9 @@ from replicator.walreader import (
     read_page,
     scan_frames,
 )
+
+if TYPE_CHECKING:  # configuration is passed in; capture does not load it
+    from replicator.config import DbConfig
 
 MAX_SEGMENT_TXNS = 4096
 MAX_SEGMENT_PAGES = 16384
@@ -83,7 +85,7 @@ class Capture:
 
     def __init__(
         self,
-        cfg: DbConfig,
+        cfg: "DbConfig",
         *,
         publish: Callable[[keys.ArtefactKey], None] = lambda key: None,
         log=None,
@@ -107,6 +109,7 @@ class Capture:
         self._wal_ino: int | None = None
         self._zero_hash: dict[int, int] = {}
         self.rotations: dict[str, int] = {}
+        self._unavailable: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     def open(self) -> bool:
@@ -116,8 +119,13 @@ class Capture:
         try:
             self.sql.open()
         except DatabaseUnavailable as e:
-            self.log.warning("database unavailable", reason=str(e))
+            if str(e) != self._unavailable:  # say it once, not at every poll
+                self.log.warning("database unavailable; waiting", reason=str(e))
+                self._unavailable = str(e)
             return False
+        if self._unavailable:
+            self.log.info("database available")
+            self._unavailable = None
         self.opened = True
         self._resume()
         return True

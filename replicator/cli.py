@@ -107,6 +107,10 @@ def cmd_replicate(args) -> int:
         raise UserError("give both DB_PATH and REPLICA_URL, or -c FILE")
     else:
         config = _load_config(args.config)
+    if args.log_level is None and args.log_format is None:
+        logs.configure(config.log_level, config.log_format)
+    elif args.log_level is None or args.log_format is None:
+        logs.configure(args.log_level or config.log_level, args.log_format or config.log_format)
     for w in config.warnings:
         logs.get().warning(w)
     stop = threading.Event()

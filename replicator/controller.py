@@ -40,6 +40,7 @@ class DatabaseReplicator:
                 retention_check_interval=rc.retention_check_interval,
                 log=self.log,
                 on_shipped=on_shipped,
+                sync_interval=rc.sync_interval,
             )
             for rc in cfg.replicas
         ]
@@ -82,11 +83,11 @@ class DatabaseReplicator:
     def stop(self, timeout: float | None = None) -> bool:
         """Capture what is committed, ship it to every reachable replica, then stop."""
         timeout = self.cfg.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
         ok = True
         for s in self.shippers:
             ok = s.stop(max(0.1, deadline - time.monotonic())) and ok

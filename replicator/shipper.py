@@ -44,6 +44,7 @@ class ReplicaShipper:
         log,
         on_shipped: Callable[["ReplicaShipper", Pending, float], None] | None = None,
         clock: Callable[[], float] = time.time,
+        sync_interval: float = 0.0,
     ):
         self.name = name
         self.driver = driver
@@ -53,6 +54,7 @@ class ReplicaShipper:
         self.log = log.bind(replica=name)
         self.on_shipped = on_shipped
         self.clock = clock
+        self.sync_interval = sync_interval
         self.pending: deque[Pending] = deque()
         self.uploaded: set[str] = set()
         self.position: tuple[str, int] | None = None  # (generation, txid) durable on the replica
@@ -159,6 +161,10 @@ class ReplicaShipper:
                 continue
             if self.upload(item):
                 delay = 0.0
+                if self.sync_interval:
+                    with self._cond:  # space this replica's uploads out (batching on a costly replica)
+                        if not self._stop:
+                            self._cond.wait(self.sync_interval)
             else:
                 delay = min(30.0, max(0.2, delay * 2))
                 with self._cond:
