@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # configuration is passed in; capture does not load it
     from replicator.config import DbConfig
 
 MAX_SEGMENT_TXNS = 4096
+KEEP_PAGES_IN_MEMORY = 256
 MAX_SEGMENT_PAGES = 16384
 _MASK32 = 0xFFFFFFFF
 
@@ -399,13 +400,19 @@ class Capture:
 
         for t in txns:
             txid += 1
-            page_list = []
-            for pgno in sorted(t.pages):
+            pgnos = sorted(t.pages)
+            keep = len(pgnos) <= KEEP_PAGES_IN_MEMORY
+            kept = []
+            for pgno in pgnos:
                 data = read_page(fd, ps, t.pages[pgno])
                 h = page_hash(pgno, data)
                 cks ^= old_hash(pgno) ^ h
                 changes[pgno] = h
-                page_list.append((pgno, data))
+                if keep:
+                    kept.append((pgno, data))
+            # a large transaction is read twice (the second time from the page cache)
+            # rather than held in memory while its segment is encoded
+            page_list = kept if keep else ((p, read_page(fd, ps, t.pages[p])) for p in pgnos)
             new_size = t.commit.commit
             if new_size < db_pages:
                 for p in range(new_size + 1, db_pages + 1):
