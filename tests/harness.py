@@ -184,6 +184,21 @@ def replica_keys(replica_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(replica_dir)) for p in replica_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def has_snapshot(replica_dir: Path) -> bool:
+    """True once the replica holds a snapshot (the agent's first generation is up)."""
+    return any(k.endswith(".snapshot") for k in replica_keys(replica_dir))
+
+
+def restore_equals_source(tmp_path: Path, replica_dir: Path, db: Path, *, timeout: float = 120) -> Path:
+    """Restore the latest state and assert it is page-identical to the checkpointed source."""
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica_dir}", check=True, timeout=timeout)
+    checkpoint(db)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)
+    return out
+
+
 def write_config(path: Path, db: Path, replica_url: str, **extra) -> Path:
     lines = ["dbs:", f"  - path: {db}", "    replicas:", f"      - url: {replica_url}"]
     for k, v in extra.items():

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from harness import (
+    has_snapshot,
+    restore_equals_source,
     AgentProcess,
-    assert_same_pages,
-    checkpoint,
     cli,
     integrity,
-    replica_keys,
     rows,
     start_writer,
     wait_for,
@@ -22,9 +20,6 @@ from harness import (
 )
 
 
-def _has_snapshot(replica: Path) -> bool:
-    return any(k.endswith(".snapshot") for k in replica_keys(replica))
-
 
 def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
@@ -32,7 +27,7 @@ def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
     cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=100)
     wal = Path(f"{db}-wal")
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         # the app never checkpoints: only the agent's checkpoints can reset the WAL
         writer = start_writer(db, [["autocheckpoint", 0], ["insert", 800, 500]], lib="apsw")
         peak = 0
@@ -44,10 +39,7 @@ def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
         assert agent.stop() == 0
     # 800 commits of one or two pages each would be 4-7 MiB of WAL without checkpoints
     assert 0 < peak < 2 << 20, f"WAL grew to {peak} bytes"
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert_same_pages(out, db)
+    restore_equals_source(tmp_path, replica, db)
 
 
 def test_retention_prunes_old_snapshots_and_segments(tmp_path):
@@ -57,7 +49,7 @@ def test_retention_prunes_old_snapshots_and_segments(tmp_path):
         tmp_path / "r.yml", db, f"file://{replica}", snapshot_interval="1s", retention="2s", retention_check_interval="1s"
     )
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         writer = start_writer(db, [["insert_rate", 150, 100, 30]], lib="apsw")
         assert writer.wait(60) == 0
 
@@ -84,7 +76,7 @@ def test_restore_by_database_path_from_config(tmp_path, monkeypatch):
     write(db, [["schema"], ["insert", 7, 50]])
     cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}")
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         assert agent.stop() == 0
     # the node is lost: the database and its shadow are gone
     for p in tmp_path.glob("app.db*"):
@@ -119,7 +111,7 @@ def test_sigterm_ships_what_is_committed(tmp_path):
     write(db, [["schema"]])
     cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", monitor_interval="1h")
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["insert", 30, 100]], lib="apsw")
         assert agent.stop() == 0
     out = tmp_path / "restored.db"

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from harness import (
+    has_snapshot,
+    restore_equals_source,
     AgentProcess,
     assert_same_pages,
     checkpoint,
     cli,
     integrity,
-    replica_keys,
     rows,
     start_writer,
     wait_for,
@@ -24,9 +25,6 @@ from harness import (
     write_config,
 )
 
-
-def _has_snapshot(replica: Path) -> bool:
-    return any(k.endswith(".snapshot") for k in replica_keys(replica))
 
 
 def _generations(replica: Path) -> list[dict]:
@@ -50,7 +48,7 @@ def test_agent_sigkilled_at_random_moments_while_app_writes(tmp_path):
             agent = AgentProcess("-c", str(cfg), log=tmp_path / "agent.log").start()
             time.sleep(rng.uniform(0.05, 0.8))
             agent.kill()
-            if i % 4 == 3 and _has_snapshot(replica):
+            if i % 4 == 3 and has_snapshot(replica):
                 # a restore taken while the agent is dead is a prefix of committed history
                 out = tmp_path / f"mid-{i}.db"
                 cli("restore", "-o", str(out), f"file://{replica}", check=True)
@@ -69,11 +67,7 @@ def test_agent_sigkilled_at_random_moments_while_app_writes(tmp_path):
     # resurrect it; the next commit overwrites it, as it would in production.
     write(db, [["insert", 1, 100]], lib="apsw")
     assert agent.stop() == 0
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert integrity(out) == "ok"
-    assert_same_pages(out, db)
+    restore_equals_source(tmp_path, replica, db)
     final = rows(out)
     assert final[:-1] == list(range(1, len(final))) and len(final) > 50
     print(f"kills={rounds} restores={restores + 1} failures=0 generations={len(_generations(replica))}")
@@ -86,7 +80,7 @@ def test_restarted_agent_continues_the_same_generation(tmp_path):
     try:
         wait_for(lambda: len(rows(db)) == 5, what="first rows")
         agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["autocheckpoint", 0], ["insert", 20, 100]], lib="apsw")
         assert agent.stop() == 0  # graceful
         write(db, [["insert", 20, 100]], lib="apsw")  # written while the agent is down
@@ -108,11 +102,7 @@ def test_restarted_agent_continues_the_same_generation(tmp_path):
         keeper.kill()
         keeper.wait()
     assert len(_generations(replica)) == 2
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert_same_pages(out, db)
-    assert integrity(out) == "ok"
+    restore_equals_source(tmp_path, replica, db)
 
 
 def test_app_writes_and_closes_while_agent_is_down(tmp_path):
@@ -121,7 +111,7 @@ def test_app_writes_and_closes_while_agent_is_down(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"]])
     agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
-    wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+    wait_for(lambda: has_snapshot(replica), what="first snapshot")
     assert agent.stop() == 0
     for _ in range(5):
         write(db, [["insert", 1, 100]])  # separate processes: each close deletes the WAL
@@ -139,7 +129,7 @@ def test_transaction_over_100_mib(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"], ["insert", 3, 100]])
     with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["big", 110], ["insert", 3, 100]], lib="apsw")
         assert agent.stop(timeout=300) == 0
     out = tmp_path / "restored.db"
@@ -154,7 +144,7 @@ def test_database_crossing_the_lock_byte_page(tmp_path):
     write(db, [["schema"], ["insert", 3, 100]])
     cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=20000)
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["fill", 1100, 64], ["insert", 3, 100]], lib="apsw", timeout=900)
         assert agent.stop(timeout=600) == 0
     assert db.stat().st_size > (1 << 30) or (Path(f"{db}-wal").exists() and Path(f"{db}-wal").stat().st_size > 0)

@@ -8,22 +8,17 @@ from pathlib import Path
 import pytest
 
 from harness import (
+    has_snapshot,
+    restore_equals_source,
     AgentProcess,
-    assert_same_pages,
-    checkpoint,
     cli,
     integrity,
-    replica_keys,
     rows,
-    start_writer,
     wait_for,
     write,
     write_config,
 )
 
-
-def _has_snapshot(replica: Path) -> bool:
-    return any(k.endswith(".snapshot") for k in replica_keys(replica))
 
 
 @pytest.mark.parametrize("page_size", [1024, 4096, 65536])
@@ -31,14 +26,10 @@ def test_restore_equals_source_page_for_page(tmp_path, page_size):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"]], page_size=page_size)
     with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["insert", 150, 300], ["batch", 200, 500], ["update", 50], ["delete_fraction", 0.3], ["insert", 30, 2000]], lib="apsw")
         assert agent.stop() == 0
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert integrity(out) == "ok"
-    assert_same_pages(out, db)
+    out = restore_equals_source(tmp_path, replica, db)
     assert rows(out) == rows(db)
     assert not list(tmp_path.glob(".restored.db.tmp-*"))
 
@@ -47,7 +38,7 @@ def test_point_in_time_by_txid_and_timestamp(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"]])
     with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["insert_rate", 40, 100, 200]], lib="apsw")
         assert agent.stop() == 0
     gens = json.loads(cli("generations", "--json", f"file://{replica}", check=True).stdout)
@@ -84,39 +75,31 @@ def test_app_checkpoints_every_mode_while_writing(tmp_path):
     write(db, [["schema"]])
     cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=20, checkpoint_interval="1s")
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         steps = []
         for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             steps += [["insert", 25, 400], ["checkpoint", mode], ["batch", 50, 300]]
         steps += [["autocheckpoint", 2], ["insert", 60, 700], ["update", 40]]
         write(db, steps, lib="apsw")
         assert agent.stop() == 0
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert integrity(out) == "ok"
-    assert_same_pages(out, db)
+    restore_equals_source(tmp_path, replica, db)
 
 
 def test_vacuum_and_shrinking_database(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"], ["batch", 2000, 800]])
     with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["delete_fraction", 0.9], ["vacuum"], ["insert", 20, 100]], lib="apsw")
         assert agent.stop() == 0
-    out = tmp_path / "restored.db"
-    cli("restore", "-o", str(out), f"file://{replica}", check=True)
-    checkpoint(db)
-    assert integrity(out) == "ok"
-    assert_same_pages(out, db)
+    restore_equals_source(tmp_path, replica, db)
 
 
 def test_existing_target_refused_and_force_replaces(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"], ["insert", 5, 10]])
     with AgentProcess(str(db), f"file://{replica}") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         assert agent.stop() == 0
     out = tmp_path / "out.db"
     out.write_bytes(b"precious")
@@ -141,7 +124,7 @@ def test_if_replica_exists_and_dry_run(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"], ["insert", 3, 10]])
     with AgentProcess(str(db), f"file://{replica}") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["insert", 3, 10]])
         assert agent.stop() == 0
     p = cli("restore", "--dry-run", "-o", str(out), f"file://{replica}", check=True)
@@ -152,7 +135,7 @@ def test_listings(tmp_path):
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"]])
     with AgentProcess(str(db), f"file://{replica}") as agent:
-        wait_for(lambda: _has_snapshot(replica), what="first snapshot")
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["insert", 10, 10]])
         assert agent.stop() == 0
     gens = json.loads(cli("generations", "--json", f"file://{replica}", check=True).stdout)
