@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from harness import (
+    assert_same_pages,
+    checkpoint,
     has_snapshot,
     restore_equals_source,
     AgentProcess,
@@ -117,3 +119,54 @@ def test_sigterm_ships_what_is_committed(tmp_path):
     out = tmp_path / "restored.db"
     cli("restore", "-o", str(out), f"file://{replica}", check=True)
     assert rows(out) == list(range(1, 31))
+
+
+def test_several_databases_and_replicas_from_one_config(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    write(a, [["schema"]])
+    write(b, [["schema"]], page_size=1024)
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(
+        f"""
+dbs:
+  - path: {a}
+    replicas:
+      - name: primary
+        url: file://{tmp_path}/ra1
+      - name: second
+        url: ${{SECOND_REPLICA}}
+  - path: {b}
+    compression: none
+    replicas:
+      - url: file://{tmp_path}/rb1
+      - name: other
+        url: {tmp_path}/rb2
+"""
+    )
+    monkeypatch.setenv("SECOND_REPLICA", f"file://{tmp_path}/ra2")  # the agent inherits it
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        for r in ("ra1", "ra2", "rb1", "rb2"):
+            wait_for(lambda r=r: has_snapshot(tmp_path / r), what=f"snapshot in {r}")
+        write(a, [["insert", 30, 200]], lib="apsw")
+        write(b, [["insert", 20, 3000]], lib="apsw")
+        assert agent.stop() == 0
+    checkpoint(a)
+    checkpoint(b)
+    for db, replicas in ((a, ("ra1", "ra2")), (b, ("rb1", "rb2"))):
+        for r in replicas:
+            out = tmp_path / f"{r}.db"
+            cli("restore", "-o", str(out), f"file://{tmp_path / r}", check=True)
+            assert integrity(out) == "ok"
+            assert_same_pages(out, db)
+    # the same database restored through the config, from one named replica
+    out = tmp_path / "b-other.db"
+    cli("restore", "-c", str(cfg), "--replica", "other", "-o", str(out), str(b), check=True)
+    assert_same_pages(out, b)
+    # compression: none stores raw pages
+    from replicas import open_driver
+    from replicator.artefact import read_header
+    from replicator.restore import list_artefacts
+
+    d = open_driver(f"file://{tmp_path / 'rb1'}")
+    with d.get(list_artefacts(d)[0].key) as f:
+        assert read_header(f).codec == "none"
