@@ -17,6 +17,7 @@ demo: setup
 	$(PY) -m replicator demo --log-format text
 
 test: setup
+	bash scripts/install-test-services.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -25,6 +25,21 @@ from .retry import RetryingDriver
 register("file", FileDriver.from_url)
 register("mem", MemDriver.from_url)
 
+
+def _lazy(module: str) -> "object":
+    """A factory that imports a remote driver (and its client library) on first use."""
+
+    def factory(url: str, **options: object) -> Driver:
+        import importlib
+
+        return importlib.import_module(f"replicas.{module}").from_url(url, **options)
+
+    return factory
+
+
+for _scheme in ("s3", "sftp", "nats"):
+    register(_scheme, _lazy(_scheme))
+
 __all__ = [
     "CHUNK_SIZE",
     "BadURL",

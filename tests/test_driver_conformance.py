@@ -58,6 +58,10 @@ DRIVER_FACTORIES: list[tuple[str, Callable[[Path], Driver]]] = [
 ]
 
 # Drivers whose objects live in this process: their put may hold the object once.
+from remote_servers import REMOTE_FACTORIES  # noqa: E402
+
+DRIVER_FACTORIES += REMOTE_FACTORIES
+
 IN_PROCESS_SCHEMES = {"mem"}
 
 
