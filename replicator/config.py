@@ -224,7 +224,7 @@ DEFAULTS: Mapping[str, Any] = _KeyedAsWritten(
         "checkpoint-interval": 60.0,
         "truncate-page-count": 121359,
         "monitor-interval": 1.0,
-        "sync-interval": 0.0,
+        "sync-interval": 0.01,
         "shadow-max-bytes": 1024**3,
         "shutdown-timeout": 10.0,
         "log-level": "info",
@@ -538,7 +538,9 @@ def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, An
     for key in _REPLICA_OVERRIDES:
         value = _value(ctx, f"{path}.{key}", raw, key)
         if value is _MISSING:
-            overrides[key] = db_settings[key]
+            # a replica's sync-interval spaces its uploads and is never inherited: the
+            # database's sync-interval already spaces the segments it gets
+            overrides[key] = 0.0 if key == "sync-interval" else db_settings[key]
         else:
             overrides[key] = _convert(ctx, f"{path}.{key}", value, _DB_SPECS[key])
 

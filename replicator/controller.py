@@ -1,5 +1,5 @@
 """The agent: for each database a capture thread and one shipper per replica, woken by file
-change events (inotify through watchdog) with a slow poll as a safety net."""
+change events (replicator.wal_events) with a slow poll as a safety net."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 from replicas import RetryingDriver, open_driver
 from replicator import keys, logs
 from replicator.capture import Capture
 from replicator.config import Config, DbConfig, ReplicaConfig
 from replicator.shipper import Pending, ReplicaShipper
+from replicator.wal_events import ChangeEvents
 
 
 def open_replica(rc: ReplicaConfig):
@@ -120,11 +118,14 @@ class DatabaseReplicator:
                 backoff = min(5.0, max(0.1, backoff * 2))
             if stopping:
                 return
-            interval = backoff or self.cfg.monitor_interval
-            self._wake.wait(interval)
+            stepped = time.monotonic()
+            self._wake.wait(backoff or self.cfg.monitor_interval)
             self._wake.clear()
-            if self.cfg.sync_interval and not self._stop.is_set():
-                time.sleep(self.cfg.sync_interval)
+            # coalesce: a commit after a quiet spell is captured at once, but under load
+            # capture steps (and so segments) are at least sync-interval apart
+            gap = self.cfg.sync_interval - (time.monotonic() - stepped)
+            if gap > 0:
+                self._stop.wait(gap)
 
     def _cleanup(self) -> None:
         """Drop local artefacts that every replica holds."""
@@ -143,21 +144,6 @@ class DatabaseReplicator:
         return {s.name: s.data_loss_window(now) for s in self.shippers}
 
 
-class _Events(FileSystemEventHandler):
-    def __init__(self, targets: dict[str, DatabaseReplicator]):
-        self.targets = targets
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        path = event.src_path if isinstance(event.src_path, str) else event.src_path.decode()
-        for candidate in (path, getattr(event, "dest_path", "") or ""):
-            if not candidate:
-                continue
-            base = candidate[:-4] if candidate.endswith("-wal") else candidate
-            target = self.targets.get(base)
-            if target is not None:
-                target.notify()
-
-
 class Agent:
     """Replicates every database of a config until stopped."""
 
@@ -165,25 +151,22 @@ class Agent:
         self.config = config
         self.log = logs.get()
         self.databases = [DatabaseReplicator(db, on_shipped=on_shipped) for db in config.dbs]
-        self._observer = Observer()
+        by_path = {str(d.cfg.path): d for d in self.databases}
+        self._events = ChangeEvents(lambda path: by_path[path].notify())
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        targets = {str(d.cfg.path): d for d in self.databases}
-        for directory in sorted({str(Path(d.cfg.path).parent) for d in self.databases}):
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            self._observer.schedule(_Events(targets), directory, recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
+        for d in self.databases:
+            Path(d.cfg.path).parent.mkdir(parents=True, exist_ok=True)
+        self._events.watch([str(d.cfg.path) for d in self.databases])
         for d in self.databases:
             d.start()
         self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases))
 
     def stop(self) -> bool:
-        self._observer.stop()
         ok = True
         for d in self.databases:
             ok = d.stop() and ok
-        self._observer.join(2)
+        self._events.close()
         self._stopped.set()
         return ok

@@ -282,7 +282,8 @@ def test_full_second_db_overrides_every_global(full):
 
 def test_full_replica_overrides_and_inheritance(full):
     local, offsite = full.dbs[0].replicas
-    assert (local.retention, local.retention_check_interval, local.sync_interval) == (172800.0, 1800.0, 2.0)
+    # sync-interval is not inherited by replicas (it spaces capture steps at the db level)
+    assert (local.retention, local.retention_check_interval, local.sync_interval) == (172800.0, 1800.0, 0.0)
     assert (offsite.retention, offsite.retention_check_interval, offsite.sync_interval) == (259200.0, 7200.0, 10.0)
     sftp = full.dbs[1].replicas[0]
     assert (sftp.retention, sftp.retention_check_interval, sftp.sync_interval) == (43200.0, 600.0, 0.0)
@@ -297,7 +298,7 @@ def test_full_file_replica(full):
         options={},
         retention=172800.0,
         retention_check_interval=1800.0,
-        sync_interval=2.0,
+        sync_interval=0.0,
     )
 
 
@@ -374,7 +375,7 @@ def test_defaults_fill_everything():
     assert db.checkpoint_interval == 60.0
     assert db.truncate_page_count == 121359
     assert db.monitor_interval == 1.0
-    assert db.sync_interval == 0.0
+    assert db.sync_interval == 0.01
     assert db.shadow_max_bytes == 1024**3
     assert db.shutdown_timeout == 10.0
     replica = db.replicas[0]
@@ -411,9 +412,11 @@ def test_db_override_beats_global_and_replica_beats_db():
     assert db.replicas[0].retention == 10800.0
 
 
-def test_replica_inherits_db_sync_interval():
+def test_replica_does_not_inherit_db_sync_interval():
+    # the database's sync-interval spaces capture steps; a replica's spaces its uploads
     db = parse(minimal(extra_db="    sync-interval: 5s\n")).dbs[0]
-    assert db.replicas[0].sync_interval == 5.0
+    assert db.sync_interval == 5.0
+    assert db.replicas[0].sync_interval == 0.0
 
 
 def test_numbers_of_seconds_accepted_for_durations():
@@ -1037,7 +1040,7 @@ def test_adhoc_overrides():
     replica = db.replicas[0]
     assert replica.name == "primary"
     assert dict(replica.options) == {"region": "eu-west-1", "force_path_style": True}
-    assert (replica.retention, replica.sync_interval) == (7200.0, 1.5)
+    assert (replica.retention, replica.sync_interval) == (7200.0, 0.0)
 
 
 def test_adhoc_does_not_expand_env():
