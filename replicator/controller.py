@@ -43,6 +43,8 @@ class DatabaseReplicator:
             for rc in cfg.replicas
         ]
         self._local: deque[keys.ArtefactKey] = deque()
+        self._local_bytes: dict[str, int] = {}  # key -> size of what the shadow log holds
+        self.shadow_full = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -52,8 +54,19 @@ class DatabaseReplicator:
     def notify(self) -> None:
         self._wake.set()
 
-    def _publish(self, key: keys.ArtefactKey) -> None:
+    def _remember(self, key: keys.ArtefactKey) -> None:
         self._local.append(key)
+        try:
+            self._local_bytes[key.key] = self.capture.shadow.path_of(key.key).stat().st_size
+        except FileNotFoundError:
+            self._local_bytes[key.key] = 0
+
+    def shadow_bytes(self) -> int:
+        """Bytes of artefacts the shadow log holds (not yet on every replica)."""
+        return sum(self._local_bytes.values())
+
+    def _publish(self, key: keys.ArtefactKey) -> None:
+        self._remember(key)
         for s in self.shippers:
             s.offer(key)
 
@@ -62,7 +75,8 @@ class DatabaseReplicator:
         existing = self.capture.shadow.list()
         self._discard_orphans(existing)
         existing = self.capture.shadow.list()
-        self._local.extend(existing)
+        for key in existing:
+            self._remember(key)
         for s in self.shippers:
             s.load(existing)
             s.start()
@@ -100,8 +114,9 @@ class DatabaseReplicator:
         while True:
             stopping = self._stop.is_set()
             try:
-                self.capture.step()
-                if not stopping:
+                if self._has_room():
+                    self.capture.step()
+                if not stopping and not self.shadow_full:
                     self.capture.maybe_checkpoint()
                     self.capture.maybe_snapshot()
                 self._cleanup()
@@ -127,6 +142,24 @@ class DatabaseReplicator:
             if gap > 0:
                 self._stop.wait(gap)
 
+    def _has_room(self) -> bool:
+        """False while the shadow log is at its size bound: capture pauses (the WAL keeps
+        every frame meanwhile, because the agent stops checkpointing) until the replicas
+        catch up. Nothing is dropped."""
+        used = self.shadow_bytes()
+        full = used >= self.cfg.shadow_max_bytes
+        if full and not self.shadow_full:
+            self.log.error(
+                "shadow directory is full: capture paused until every replica catches up; the WAL grows meanwhile",
+                shadow_bytes=used,
+                shadow_max_bytes=self.cfg.shadow_max_bytes,
+                lagging=[s.name for s in self.shippers if s.pending],
+            )
+        elif self.shadow_full and not full:
+            self.log.info("shadow directory has room again: capture resumed", shadow_bytes=used)
+        self.shadow_full = full
+        return not full
+
     def _cleanup(self) -> None:
         """Drop local artefacts that every replica holds."""
         state = self.capture.state
@@ -137,6 +170,7 @@ class DatabaseReplicator:
             if state is not None and key.generation == state.generation and key.last_txid > state.txid:
                 break
             self._local.popleft()
+            self._local_bytes.pop(key.key, None)
             self.capture.shadow.remove(key.key)
 
     def data_loss_window(self) -> dict[str, float]:
