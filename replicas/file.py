@@ -135,6 +135,8 @@ class FileDriver(Driver):
         check_page_size(page_size)
         directory, _, name_prefix = validate_prefix(prefix).rpartition("/")
         start = os.path.join(self.root, *directory.split("/")) if directory else self.root
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"{self.url}: the replica root is not a directory")
         if os.path.realpath(start) != start:
             return iter(())  # below a symlink: nothing the walk would list either
         return self._walk(start, directory + "/" if directory else "", name_prefix)

@@ -79,3 +79,28 @@ def test_full_shadow_pauses_capture_and_loses_nothing(tmp_path):
         out = tmp_path / f"{replica.name}.db"
         cli("restore", "-o", str(out), f"file://{replica}", check=True)
         assert_same_pages(out, db)
+
+
+def test_restore_falls_back_to_a_reachable_replica(tmp_path):
+    db = tmp_path / "app.db"
+    good, flaky = tmp_path / "good", tmp_path / "flaky"
+    write(db, [["schema"], ["insert", 5, 100]])
+    cfg = _config(tmp_path, db)
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: has_snapshot(good) and has_snapshot(flaky), what="both replicas")
+        write(db, [["insert", 5, 100]], lib="apsw")
+        assert agent.stop() == 0
+    import shutil
+
+    shutil.rmtree(flaky)
+    _break(flaky)  # unreachable now
+    out = tmp_path / "restored.db"
+    p = cli("restore", "-c", str(cfg), "-o", str(out), str(db))
+    assert p.returncode == 0, p.stderr
+    assert "flaky" in p.stderr and "trying another" in p.stderr
+    checkpoint(db)
+    assert_same_pages(out, db)
+    # asked for by name, the unreachable replica is an error that names it
+    p = cli("restore", "-c", str(cfg), "--replica", "flaky", "-o", str(tmp_path / "x.db"), str(db))
+    assert p.returncode == 1 and "flaky" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.db").exists()
