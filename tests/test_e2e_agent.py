@@ -170,3 +170,20 @@ dbs:
     d = open_driver(f"file://{tmp_path / 'rb1'}")
     with d.get(list_artefacts(d)[0].key) as f:
         assert read_header(f).codec == "none"
+
+
+def test_exec_runs_the_app_as_a_child_and_returns_its_code(tmp_path):
+    import sys
+
+    from harness import WRITER
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    app = f"{sys.executable} {WRITER} {db} '[[\"insert\", 25, 100], [\"sleep\", 0.3]]' --lib apsw"
+    p = cli("replicate", str(db), f"file://{replica}", "--exec", app, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    assert rows(out) == list(range(1, 26))
+    failing = f"{sys.executable} -c 'import sys; sys.exit(3)'"
+    assert cli("replicate", str(db), f"file://{replica}", "--exec", failing, timeout=120).returncode == 3
