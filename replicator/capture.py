@@ -341,15 +341,7 @@ class Capture:
             self.log.warning("commit count does not match the WAL index", read=len(txns), counted=(view.change - pos.change) & _MASK32)
             self.start_generation("commit-count-mismatch")
             return 0
-        salts = (pos.salt1, pos.salt2)
-
-        def unchanged() -> bool:
-            if self.sql.pinned:
-                return True
-            again = self.sql.index.read()
-            return again is not None and again.salts == salts
-
-        if not self._emit(txns, fd, header, unchanged):
+        if not self._emit(txns, fd, header, self._still_valid((pos.salt1, pos.salt2))):
             view = self.sql.index.read()
             if view is not None and self.state is not None and self.state.wal is not None and view.salts != (self.state.wal.salt1, self.state.wal.salt2):
                 return self._handle_restart(view)
@@ -509,9 +501,11 @@ class Capture:
             self.start_generation("wal-reset")
             return 0
 
+        same_incarnation = self._still_valid(view.salts)
+
         def tail_intact() -> bool:
-            # the new incarnation must not have overwritten the tail while we read it
-            return self._count_frames_with_salts(fd, view.salts, pos.page_size, pos.index + 1) <= pos.index
+            # no further restart, and the new incarnation has not reached the tail
+            return same_incarnation() and self._count_frames_with_salts(fd, view.salts, pos.page_size, pos.index + 1) <= pos.index
 
         captured = 0
         if tail_txns:
@@ -538,10 +532,26 @@ class Capture:
         self.wal_pages = {}
         self.log.debug("wal restarted", salt1=view.salts[0], tail_txns=len(tail_txns), new_txns=len(new_txns))
         if new_txns and new_header is not None:
-            if not self._emit(new_txns, fd, new_header):
+            if not self._emit(new_txns, fd, new_header, same_incarnation):
+                again = self.sql.index.read()
+                if again is not None and self.state.wal is not None and again.salts != (self.state.wal.salt1, self.state.wal.salt2):
+                    return captured + self._handle_restart(again)
                 return captured
             captured += len(new_txns)
         return captured
+
+    def _still_valid(self, salts: tuple[int, int]) -> Callable[[], bool]:
+        """A check, made after pages were read and before a segment is committed, that the
+        WAL incarnation with these salts was not restarted meanwhile (frames we read could
+        then have been overwritten). Always true while the pin holds the WAL."""
+
+        def check() -> bool:
+            if self.sql.pinned:
+                return True
+            again = self.sql.index.read()
+            return again is not None and again.salts == salts
+
+        return check
 
     def _count_frames_with_salts(self, fd: int, salts: tuple[int, int], page_size: int, limit: int) -> int:
         """How many frames from the start of the file carry these salts (up to limit)."""
