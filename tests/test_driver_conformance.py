@@ -57,12 +57,35 @@ DRIVER_FACTORIES: list[tuple[str, Callable[[Path], Driver]]] = [
     ("retry+file", _retrying_file_driver),
 ]
 
-# Drivers whose objects live in this process: their put may hold the object once.
 from remote_servers import REMOTE_FACTORIES  # noqa: E402
 
 DRIVER_FACTORIES += REMOTE_FACTORIES
 
+# Drivers whose objects live in this process: their put may hold the object once.
 IN_PROCESS_SCHEMES = {"mem"}
+
+# Bugs of the test servers, not of the drivers: the case is expected to fail on that server
+# (non-strict: it may pass by luck). Each reason was checked against the server's source.
+SERVER_BUGS = {
+    ("test_concurrent_puts_and_gets_on_one_key_never_mix", "s3"): (
+        "rclone serve s3 reads an object's size and ETag, then opens the file separately, so a "
+        "GET racing a PUT of the same key returns the new bytes cut to the old length "
+        "(cmd/serve/s3 GetObject); S3 itself replaces objects atomically, and replicator "
+        "never overwrites an artefact"
+    ),
+    ("test_concurrent_put_and_delete_in_one_folder", "s3"): (
+        "rclone serve s3 prunes emptied folders without locking (marked 'FIXME: unsafe "
+        "operation' upstream), so a PUT into the folder at that moment gets a 500; the driver "
+        "reports Transient and RetryingDriver rides it out"
+    ),
+}
+
+
+@pytest.fixture
+def known_server_bugs(request: pytest.FixtureRequest, driver: Driver) -> None:
+    reason = SERVER_BUGS.get((request.node.originalname, driver.scheme))
+    if reason:
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
 
 
 @pytest.fixture(params=DRIVER_FACTORIES, ids=[name for name, _ in DRIVER_FACTORIES])
@@ -471,7 +494,7 @@ def test_concurrent_puts_and_gets_on_distinct_keys(driver: Driver) -> None:
     assert len(keys_of(driver, "shared/")) == 160
 
 
-def test_concurrent_puts_and_gets_on_one_key_never_mix(driver: Driver) -> None:
+def test_concurrent_puts_and_gets_on_one_key_never_mix(driver: Driver, known_server_bugs: None) -> None:
     values = [bytes([65 + i]) * (256 * 1024 + i) for i in range(8)]
     driver.put("contended", values[0])
 
@@ -487,7 +510,7 @@ def test_concurrent_puts_and_gets_on_one_key_never_mix(driver: Driver) -> None:
     assert keys_of(driver) == ["contended"]
 
 
-def test_concurrent_put_and_delete_in_one_folder(driver: Driver) -> None:
+def test_concurrent_put_and_delete_in_one_folder(driver: Driver, known_server_bugs: None) -> None:
     # Deleting the last key of a folder while another thread writes into it must not fail.
     def work(thread: int) -> None:
         for i in range(30):
