@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from replicas import RetryingDriver, open_driver
+from replicas.metrics import MetricsDriver
 from replicator import keys, logs
 from replicator.capture import Capture
 from replicator.config import Config, DbConfig, ReplicaConfig
@@ -17,9 +18,9 @@ from replicator.shipper import Pending, ReplicaShipper
 from replicator.wal_events import ChangeEvents
 
 
-def open_replica(rc: ReplicaConfig):
-    """The driver for a configured replica, wrapped with retries."""
-    return RetryingDriver(open_driver(rc.url, **dict(rc.options)), attempts=3)
+def open_replica(rc: ReplicaConfig, db: str = ""):
+    """The driver for a configured replica: retries around per-attempt metrics."""
+    return RetryingDriver(MetricsDriver(open_driver(rc.url, **dict(rc.options)), db=db, replica=rc.name), attempts=3)
 
 
 class DatabaseReplicator:
@@ -32,7 +33,7 @@ class DatabaseReplicator:
         self.shippers = [
             ReplicaShipper(
                 rc.name,
-                open_replica(rc),
+                open_replica(rc, str(cfg.path)),
                 self.capture.shadow,
                 retention=rc.retention,
                 retention_check_interval=rc.retention_check_interval,

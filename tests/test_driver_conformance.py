@@ -51,10 +51,17 @@ def _retrying_file_driver(tmp_path: Path) -> Driver:
     return RetryingDriver(_file_driver(tmp_path))  # wrappers must be conformant too
 
 
+def _metrics_file_driver(tmp_path: Path) -> Driver:
+    from replicas.metrics import MetricsDriver
+
+    return MetricsDriver(_file_driver(tmp_path), db="conformance", replica="metrics+file")
+
+
 DRIVER_FACTORIES: list[tuple[str, Callable[[Path], Driver]]] = [
     ("file", _file_driver),
     ("mem", _mem_driver),
     ("retry+file", _retrying_file_driver),
+    ("metrics+file", _metrics_file_driver),
 ]
 
 from remote_servers import REMOTE_FACTORIES  # noqa: E402
