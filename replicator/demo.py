@@ -34,7 +34,8 @@ def run_demo(workdir: Path, *, seconds: float = 0, rate: float = 20) -> int:
     db = workdir / "app.db"
     replica = workdir / "replica"
     print(f"demo: database {db}, writer at {rate:g} tx/s, replica file://{replica}", flush=True)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(rate)])
+    # its own session: Ctrl-C on the terminal stops the demo, which then stops the writer
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(rate)], start_new_session=True)
     deadline = time.monotonic() + 10
     while not db.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
