@@ -187,3 +187,11 @@ def test_exec_runs_the_app_as_a_child_and_returns_its_code(tmp_path):
     assert rows(out) == list(range(1, 26))
     failing = f"{sys.executable} -c 'import sys; sys.exit(3)'"
     assert cli("replicate", str(db), f"file://{replica}", "--exec", failing, timeout=120).returncode == 3
+
+
+def test_demo_replicates_and_restores(tmp_path):
+    p = cli("demo", "--dir", str(tmp_path / "demo"), "--seconds", "2", "--log-format", "json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "shipped snapshot txid 0" in p.stdout and "shipped segment txids" in p.stdout
+    assert p.stdout.strip().splitlines()[-1].endswith(": OK")
+    assert "Traceback" not in p.stderr
