@@ -240,6 +240,13 @@ def _plan_at_time(groups: dict[str, list[ArtefactKey]], target: RestoreTarget) -
             continue
         snapshot = _newest(usable)
         chain = _follow_chain(_segments(items), snapshot.last_txid, until_time=ts)
+        if chain.gap is None and not (chain.segments and chain.segments[-1].time > ts):
+            # the chain ran out before the time: if the generation knows later txids (a
+            # later snapshot), the segments leading to them are missing, and their
+            # transactions may be at or before the time: never restore an older state
+            later = [a.first_txid - 1 if a.kind == SEGMENT else a.last_txid for a in items if a.last_txid > chain.end]
+            if later:
+                chain = _Chain(chain.segments, chain.end, (chain.end + 1, max(chain.end + 1, min(later))))
         if chain.gap is not None:
             raise _hole_error(generation, chain, snapshot)
         return RestorePlan(generation, snapshot, chain.segments, None, ts)

@@ -541,3 +541,14 @@ def test_property_intact_chains_always_plan(data):
             check_plan_covers(plan, RestoreTarget(generation=g, txid=txid), ends)
         latest = plan_restore(artefacts, RestoreTarget(generation=g))
         assert latest.last_txid == ends[g]
+
+
+def test_time_target_with_a_missing_segment_before_a_later_snapshot_is_a_hole():
+    # found by the chain property: the segment holding txid 1 is gone, but a snapshot at
+    # txid 1 proves it existed; restoring txid 0 for a time after txid 1 would be older
+    keys_ = [snap(A, 0, 0.5), snap(A, 1, 1.5)]
+    with pytest.raises(PlanError, match="segment missing in generation .*: txid 1"):
+        plan_restore(keys_, RestoreTarget(timestamp=BASE + 1.0))
+    # with the segment present the time restores through it
+    plan = plan_restore([*keys_, seg(A, 1, 1, 1.0)], RestoreTarget(timestamp=BASE + 1.0))
+    assert [s.last_txid for s in plan.segments] == [1]
