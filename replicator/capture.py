@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from replicator import keys
-from replicator.artefact import SegmentWriter, SnapshotWriter, page_hash
+from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
 from replicator.walindex import WalIndexHeader
@@ -88,7 +88,7 @@ class Capture:
         self,
         cfg: "DbConfig",
         *,
-        publish: Callable[[keys.ArtefactKey], None] = lambda key: None,
+        publish: Callable[[keys.ArtefactKey, "ArtefactHeader"], None] = lambda key, header: None,
         log=None,
         clock: Callable[[], float] = time.time,
     ):
@@ -446,7 +446,7 @@ class Capture:
         parsed = keys.parse_key(key)
         assert parsed is not None
         self.log.debug("segment written", key=key, txns=len(txns))
-        self.publish(parsed)
+        self.publish(parsed, artefact.header)
         return True
 
     def _zero_page_hash(self, pgno: int, page_size: int) -> int:
@@ -726,7 +726,7 @@ class Capture:
             self.log.info("generation started", generation=generation, reason=reason, pages=db_pages)
             parsed = keys.parse_key(key)
             assert parsed is not None
-            self.publish(parsed)
+            self.publish(parsed, artefact.header)
             return
         raise CaptureError(f"could not take a consistent snapshot of {self.cfg.path}: the WAL kept changing")
 
@@ -776,6 +776,6 @@ class Capture:
             parsed = keys.parse_key(key)
             assert parsed is not None
             self.log.info("snapshot written", generation=state.generation, txid=state.txid)
-            self.publish(parsed)
+            self.publish(parsed, artefact.header)
             return parsed
         raise CaptureError(f"could not take a consistent snapshot of {self.cfg.path}: the WAL kept changing")

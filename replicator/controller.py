@@ -12,6 +12,7 @@ from typing import Callable
 from replicas import RetryingDriver, open_driver
 from replicas.metrics import MetricsDriver
 from replicator import keys, logs
+from replicator.artefact import ArtefactHeader
 from replicator.capture import Capture
 from replicator.config import Config, DbConfig, ReplicaConfig
 from replicator.shipper import Pending, ReplicaShipper
@@ -55,21 +56,25 @@ class DatabaseReplicator:
     def notify(self) -> None:
         self._wake.set()
 
-    def _remember(self, key: keys.ArtefactKey) -> None:
+    def _remember(self, key: keys.ArtefactKey, size: int | None = None) -> None:
         self._local.append(key)
-        try:
-            self._local_bytes[key.key] = self.capture.shadow.path_of(key.key).stat().st_size
-        except FileNotFoundError:
-            self._local_bytes[key.key] = 0
+        if size is None:
+            try:
+                size = self.capture.shadow.path_of(key.key).stat().st_size
+            except FileNotFoundError:
+                size = 0
+        self._local_bytes[key.key] = size
 
     def shadow_bytes(self) -> int:
         """Bytes of artefacts the shadow log holds (not yet on every replica)."""
         return sum(self._local_bytes.values())
 
-    def _publish(self, key: keys.ArtefactKey) -> None:
-        self._remember(key)
+    def _publish(self, key: keys.ArtefactKey, header: ArtefactHeader) -> None:
+        # the header and size come from capture: no shipper re-reads the artefact
+        size = self.capture.shadow.path_of(key.key).stat().st_size
+        self._remember(key, size)
         for s in self.shippers:
-            s.offer(key)
+            s.offer(key, first_commit_time=header.txns[0].commit_time, size=size)
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:

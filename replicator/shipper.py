@@ -68,11 +68,15 @@ class ReplicaShipper:
         self._known_listing = False
 
     # -- queue ----------------------------------------------------------------------------
-    def offer(self, key: keys.ArtefactKey) -> None:
-        """Queue an artefact that is now durable in the shadow log."""
-        item = self._pending_for(key)
-        if item is None:
-            return
+    def offer(self, key: keys.ArtefactKey, *, first_commit_time: float | None = None, size: int | None = None) -> None:
+        """Queue an artefact that is now durable in the shadow log (its header is read from
+        the shadow only when the caller does not pass the commit time and size)."""
+        if first_commit_time is None or size is None:
+            item = self._pending_for(key)
+            if item is None:
+                return
+        else:
+            item = Pending(key, first_commit_time, size)
         with self._cond:
             self.pending.append(item)
             self._cond.notify_all()
