@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import xxhash
 
-from replicator import keys
+from replicator import keys, metrics
 from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
@@ -95,6 +95,7 @@ class Capture:
         from replicator import logs
 
         self.cfg = cfg
+        self._db = str(cfg.path)
         self.publish = publish
         self.clock = clock
         self.log = log or logs.get(db=str(cfg.path))
@@ -105,6 +106,7 @@ class Capture:
         self.opened = False
         self.last_checkpoint = time.monotonic()
         self.last_snapshot = time.monotonic()
+        self.last_snapshot_time: float | None = None  # wall clock, for metrics
         self._last_ckpt: tuple[tuple[int, int] | None, int] = (None, 0)  # (salts, frames) at the last checkpoint
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
@@ -602,7 +604,12 @@ class Capture:
         """
         self.step()
         assert self.state is not None and self.state.wal is not None
-        barrier = mode == "PASSIVE" and self.sql.hold_write_lock()
+        # a busy writer leaves only short gaps between its transactions; when earlier
+        # barriers missed them and the WAL has grown well past its threshold, poll longer
+        # (this waits for the lock, it does not hold it longer)
+        patience = 0.25 if self.state.wal.index >= 4 * self.cfg.min_checkpoint_page_count else 0.05
+        barrier = mode == "PASSIVE" and self.sql.hold_write_lock(patience)
+        result = None
         try:
             if barrier:
                 view = self.sql.index.read()
@@ -612,6 +619,8 @@ class Capture:
             result = self.sql.checkpoint(mode)
         finally:
             self.sql.release_write_lock()
+            outcome = "error" if result is None else "busy" if result.busy else "ok"
+            metrics.CHECKPOINTS.labels(db=self._db, mode=mode, result=outcome).inc()
         self.last_checkpoint = time.monotonic()
         self.log.debug(
             "checkpoint", mode=mode, barrier=barrier, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed
@@ -681,6 +690,7 @@ class Capture:
                 time.sleep(0.01)
                 continue
             view, header, frames = got
+            started = time.monotonic()
             page_size = header.page_size if header is not None else self.sql.page_size
             if frames:
                 db_pages = frames[-1].commit
@@ -721,14 +731,20 @@ class Capture:
             self.state = CaptureState(generation, 0, page_size, db_pages, cks, now, wal)
             self.shadow.save_state(self.state)
             self.wal_pages = overlay
-            self.last_snapshot = time.monotonic()
+            self._snapshot_done(started)
             self.rotations[reason] = self.rotations.get(reason, 0) + 1
+            metrics.ROTATIONS.labels(db=self._db, reason=reason).inc()
             self.log.info("generation started", generation=generation, reason=reason, pages=db_pages)
             parsed = keys.parse_key(key)
             assert parsed is not None
             self.publish(parsed, artefact.header)
             return
         raise CaptureError(f"could not take a consistent snapshot of {self.cfg.path}: the WAL kept changing")
+
+    def _snapshot_done(self, started: float) -> None:
+        self.last_snapshot = time.monotonic()
+        self.last_snapshot_time = self.clock()
+        metrics.SNAPSHOT_SECONDS.labels(db=self._db).observe(self.last_snapshot - started)
 
     def snapshot(self) -> keys.ArtefactKey | None:
         """Take a snapshot of the current generation at the current position."""
@@ -750,6 +766,7 @@ class Capture:
             if state.wal is None or state.wal.index != view.mx_frame or view.salts != (state.wal.salt1, state.wal.salt2):
                 continue
             now = self.clock()
+            started = time.monotonic()
             writer = SnapshotWriter(
                 state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
             )
@@ -772,7 +789,7 @@ class Capture:
                 self.shadow.write(key, artefact)
             finally:
                 artefact.close()
-            self.last_snapshot = time.monotonic()
+            self._snapshot_done(started)
             parsed = keys.parse_key(key)
             assert parsed is not None
             self.log.info("snapshot written", generation=state.generation, txid=state.txid)

@@ -2,6 +2,7 @@
 
     replicator replicate [-c FILE] [DB_PATH REPLICA_URL] [--exec CMD]
     replicator restore [-c FILE] [-o OUT] [options] DB_PATH|REPLICA_URL
+    replicator status [-c FILE] [--addr HOST:PORT] [--json]
     replicator generations|snapshots|segments [-c FILE] [--json] DB_PATH|REPLICA_URL
     replicator demo [--dir DIR] [--seconds N]
 """
@@ -124,7 +125,7 @@ def cmd_replicate(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent = Agent(config)
+    agent = Agent(config, metrics_addr=args.metrics_addr)
     agent.start()
     code = EXIT_OK
     if args.exec:
@@ -229,6 +230,65 @@ def cmd_restore(args) -> int:
     return EXIT_OK
 
 
+# -- status ---------------------------------------------------------------------------------------
+class AgentUnreachable(Exception):
+    """The running agent's endpoint does not answer; exit code 1."""
+
+
+def fetch_status(addr: str, timeout: float = 5.0) -> dict:
+    import urllib.error
+    import urllib.request
+
+    host, _, port = addr.rpartition(":")
+    host = host or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise AgentUnreachable(f"cannot read the agent's status at {url} ({reason}); is `replicator replicate` running with this metrics-addr?") from None
+
+
+def _age(t: float | None, now: float) -> str:
+    return "-" if t is None else f"{max(0.0, now - t):.1f}s ago"
+
+
+def cmd_status(args) -> int:
+    if args.addr:
+        addr = args.addr
+    else:
+        config = _load_config(args.config)
+        if not config.metrics_addr:
+            where = config.source or "the config"
+            raise UserError(f"{where} has no metrics-addr; status reads the running agent through it (add e.g. metrics-addr: 127.0.0.1:9090, or pass --addr)")
+        addr = config.metrics_addr
+    st = fetch_status(addr)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    now = st["time"]
+    rows = []
+    for db in st["databases"]:
+        for r in db["replicas"]:
+            rows.append({
+                "db": db["path"],
+                "replica": r["name"],
+                "generation": r["generation"] or "-",
+                "txid": "-" if r["txid"] is None else r["txid"],
+                "local_txid": "-" if db["txid"] is None else db["txid"],
+                "window": f"{r['data_loss_window']:.3f}s" + (" !" if r["behind_threshold"] else ""),
+                "pending": r["pending_artefacts"],
+                "last_upload": _age(r["last_upload"], now),
+                "error": r["last_error"] or db["last_error"] or "-",
+            })
+    print(_table(rows, list(rows[0].keys())) if rows else "no databases")
+    print("ready" if st["ready"] else "NOT READY (a data-loss window is above its threshold or something is failing)")
+    return EXIT_OK
+
+
 # -- listings -------------------------------------------------------------------------------------
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
@@ -302,7 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", nargs="?", metavar="DB_PATH")
     p.add_argument("url", nargs="?", metavar="REPLICA_URL")
     p.add_argument("--exec", metavar="CMD", help="run CMD as a child; stop when it exits and exit with its code")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz and /status here (overrides metrics-addr)")
     p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("status", parents=[common], help="show the running agent's positions and data-loss windows")
+    p.add_argument("-c", "--config", help="config file whose metrics-addr the agent serves")
+    p.add_argument("--addr", metavar="HOST:PORT", help="the agent's metrics-addr (instead of reading the config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("restore", parents=[common], help="restore a database from a replica")
     p.add_argument("-c", "--config")
@@ -345,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from replicator.config import ConfigError
     from replicator.restore import RestoreError
     from replicator.restore_plan import PlanError
+    from replicator.metrics_server import MetricsServerError
 
     level = args.log_level or os.environ.get("REPLICATOR_LOG_LEVEL") or "info"
     logs.configure(level, args.log_format or "auto")
@@ -353,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (RestoreError, PlanError, StorageError) as e:
+    except MetricsServerError as e:
+        print(f"replicator: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RestoreError, PlanError, StorageError, AgentUnreachable) as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

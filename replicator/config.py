@@ -10,6 +10,7 @@ See docs/configuration.md for the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -85,6 +86,9 @@ class DbConfig:
     sync_interval: float
     shadow_max_bytes: int
     shutdown_timeout: float
+    data_loss_window_threshold: float = 10.0
+    verify_interval: float = 0.0
+    restore_if_db_not_exists: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Config:
     log_format: str
     source: Path | None  # the file it came from, None for ad hoc
     warnings: tuple[str, ...] = ()
+    metrics_addr: str | None = None  # host:port serving /metrics, /healthz, /readyz, /status
 
 
 class _KeyedAsWritten(Mapping[str, Any]):
@@ -124,7 +129,7 @@ class _KeyedAsWritten(Mapping[str, Any]):
 class _Spec:
     """How one key's value is checked and converted."""
 
-    kind: str  # duration | size | int | bool | str | path | enum
+    kind: str  # duration | size | int | bool | str | path | enum | addr
     low: float | None = None  # inclusive lower bound
     positive: bool = False  # must be > 0
     high: float | None = None  # inclusive upper bound
@@ -157,10 +162,14 @@ _DB_SPECS: dict[str, _Spec] = {
     "sync-interval": _DURATION_0,
     "shadow-max-bytes": _Spec("size", positive=True),
     "shutdown-timeout": _DURATION_0,
+    "data-loss-window-threshold": _DURATION_POS,
+    "verify-interval": _DURATION_0,
+    "restore-if-db-not-exists": _Spec("bool"),
 }
 _GLOBAL_SPECS: dict[str, _Spec] = {
     "log-level": _Spec("enum", choices=("debug", "info", "warning", "error")),
     "log-format": _Spec("enum", choices=("auto", "text", "json")),
+    "metrics-addr": _Spec("addr"),
 }
 _REPLICA_OVERRIDES = ("retention", "retention-check-interval", "sync-interval")
 
@@ -227,8 +236,12 @@ DEFAULTS: Mapping[str, Any] = _KeyedAsWritten(
         "sync-interval": 0.01,
         "shadow-max-bytes": 1024**3,
         "shutdown-timeout": 10.0,
+        "data-loss-window-threshold": 10.0,
+        "verify-interval": 0.0,
+        "restore-if-db-not-exists": False,
         "log-level": "info",
         "log-format": "auto",
+        "metrics-addr": None,
     }
 )
 
@@ -417,7 +430,7 @@ def _parse(text: str, *, source: Path | None, environ: Mapping[str, str], file_m
             f"{label}: secrets written literally ({keys}) in a file readable by other users; "
             f"use ${{VAR}} or chmod 600 {label}"
         )
-    return Config(config.dbs, config.log_level, config.log_format, config.source, tuple(warnings))
+    return dataclasses.replace(config, warnings=tuple(warnings))
 
 
 def _build(doc: object, ctx: _Context, *, source: Path | None) -> Config:
@@ -442,7 +455,13 @@ def _build(doc: object, ctx: _Context, *, source: Path | None) -> Config:
         ctx.fail("dbs", "must list at least one database")
     dbs = tuple(_db(ctx, f"dbs[{i}]", raw, settings) for i, raw in enumerate(raw_dbs))
     _check_overlaps(ctx, dbs)
-    return Config(dbs=dbs, log_level=settings["log-level"], log_format=settings["log-format"], source=source)
+    return Config(
+        dbs=dbs,
+        log_level=settings["log-level"],
+        log_format=settings["log-format"],
+        source=source,
+        metrics_addr=settings["metrics-addr"],
+    )
 
 
 def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> DbConfig:
@@ -512,6 +531,9 @@ def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> 
         sync_interval=settings["sync-interval"],
         shadow_max_bytes=settings["shadow-max-bytes"],
         shutdown_timeout=settings["shutdown-timeout"],
+        data_loss_window_threshold=settings["data-loss-window-threshold"],
+        verify_interval=settings["verify-interval"],
+        restore_if_db_not_exists=settings["restore-if-db-not-exists"],
     )
 
 
@@ -694,7 +716,18 @@ def _convert(ctx: _Context, path: str, value: object, spec: _Spec) -> Any:
         return text
     if spec.kind == "path":
         return str(_path(ctx, path, value))
+    if spec.kind == "addr":
+        return _addr(ctx, path, value)
     return str(_string(ctx, path, value))
+
+
+def _addr(ctx: _Context, path: str, value: object) -> str:
+    """host:port (host may be empty for every interface, or a [v6] literal); port 0..65535."""
+    text = _string(ctx, path, value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or (host.startswith("[") != host.endswith("]")):
+        ctx.fail(path, f"expected HOST:PORT (e.g. 127.0.0.1:9090){_got(value)}", value)
+    return text
 
 
 def _bounded(ctx: _Context, path: str, value: object, number: float, spec: _Spec) -> Any:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from replicas import RetryingDriver, open_driver
 from replicas.metrics import MetricsDriver
-from replicator import keys, logs
+from replicator import keys, logs, metrics
 from replicator.artefact import ArtefactHeader
 from replicator.capture import Capture
 from replicator.config import Config, DbConfig, ReplicaConfig
@@ -39,6 +39,7 @@ class DatabaseReplicator:
                 retention=rc.retention,
                 retention_check_interval=rc.retention_check_interval,
                 log=self.log,
+                db=str(cfg.path),
                 on_shipped=on_shipped,
                 sync_interval=rc.sync_interval,
             )
@@ -86,8 +87,21 @@ class DatabaseReplicator:
         for s in self.shippers:
             s.load(existing)
             s.start()
+        self._initial_snapshot_time()
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.cfg.path.name}", daemon=True)
         self._thread.start()
+
+    def _initial_snapshot_time(self) -> None:
+        """After a restart, the last snapshot is the newest one of the generation on any replica
+        or in the shadow log (for the last-snapshot metric)."""
+        state = self.capture.shadow.load_state()
+        if state is None or self.capture.last_snapshot_time is not None:
+            return
+        times = [s.newest_snapshot_time(state.generation) for s in self.shippers]
+        times += [k.time_ms / 1000.0 for k in self._local if k.kind == keys.SNAPSHOT and k.generation == state.generation]
+        known = [t for t in times if t is not None]
+        if known:
+            self.capture.last_snapshot_time = max(known)
 
     def _discard_orphans(self, existing: list[keys.ArtefactKey]) -> None:
         """Artefacts written after the last durable position (a crash between the two) go."""
@@ -132,6 +146,7 @@ class DatabaseReplicator:
                 backoff = 0.0
             except Exception as e:  # keep the agent alive; the next step retries from the durable position
                 msg = f"{type(e).__name__}: {e}"
+                metrics.CAPTURE_ERRORS.labels(db=str(self.cfg.path)).inc()
                 if msg != self.last_error:
                     self.log.error("capture failed; will retry", error=msg)
                 self.last_error = msg
@@ -183,25 +198,67 @@ class DatabaseReplicator:
         now = time.time()
         return {s.name: s.data_loss_window(now) for s in self.shippers}
 
+    def check_thresholds(self, now: float) -> None:
+        """Log once when a replica's data-loss window crosses the threshold, and once when it
+        is back within it."""
+        threshold = self.cfg.data_loss_window_threshold
+        for s in self.shippers:
+            window = s.data_loss_window(now)
+            behind = window > threshold
+            if behind and not s.behind_threshold:
+                s.log.warning(
+                    "data-loss window above threshold",
+                    data_loss_window=round(window, 3),
+                    threshold=threshold,
+                    pending=len(s.pending),
+                    error=s.last_error,
+                )
+            elif s.behind_threshold and not behind:
+                s.log.info("data-loss window back within threshold", data_loss_window=round(window, 3), threshold=threshold)
+            s.behind_threshold = behind
+
 
 class Agent:
     """Replicates every database of a config until stopped."""
 
-    def __init__(self, config: Config, *, on_shipped=None):
+    MONITOR_INTERVAL = 1.0  # seconds between threshold checks
+
+    def __init__(self, config: Config, *, on_shipped=None, metrics_addr: str | None = None):
         self.config = config
         self.log = logs.get()
         self.databases = [DatabaseReplicator(db, on_shipped=on_shipped) for db in config.dbs]
         by_path = {str(d.cfg.path): d for d in self.databases}
         self._events = ChangeEvents(lambda path: by_path[path].notify())
         self._stopped = threading.Event()
+        self.metrics_addr = metrics_addr or config.metrics_addr
+        self.metrics_server = None
+        self._monitor: threading.Thread | None = None
+
+    def status(self) -> dict:
+        from replicator.status import agent_status
+
+        return agent_status(self)
 
     def start(self) -> None:
+        if self.metrics_addr:
+            from replicator.metrics_server import MetricsServer
+
+            self.metrics_server = MetricsServer(self.metrics_addr, self.status)  # fails before anything starts
         for d in self.databases:
             Path(d.cfg.path).parent.mkdir(parents=True, exist_ok=True)
         self._events.watch([str(d.cfg.path) for d in self.databases])
         for d in self.databases:
             d.start()
-        self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases))
+        self._monitor = threading.Thread(target=self._watch_thresholds, name="thresholds", daemon=True)
+        self._monitor.start()
+        extra = {"metrics": f"http://{self.metrics_addr}/metrics"} if self.metrics_addr else {}
+        self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases), **extra)
+
+    def _watch_thresholds(self) -> None:
+        while not self._stopped.wait(self.MONITOR_INTERVAL):
+            now = time.time()
+            for d in list(self.databases):
+                d.check_thresholds(now)
 
     def stop(self) -> bool:
         ok = True
@@ -209,4 +266,6 @@ class Agent:
             ok = d.stop() and ok
         self._events.close()
         self._stopped.set()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         return ok

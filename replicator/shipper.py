@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from replicas import Driver, StorageError
-from replicator import keys
+from replicator import keys, metrics
 from replicator.artefact import ArtefactError, read_header
 from replicator.retention import plan_retention
 from replicator.shadow import ShadowLog
@@ -42,11 +42,13 @@ class ReplicaShipper:
         retention: float,
         retention_check_interval: float,
         log,
+        db: str = "",
         on_shipped: Callable[["ReplicaShipper", Pending, float], None] | None = None,
         clock: Callable[[], float] = time.time,
         sync_interval: float = 0.0,
     ):
         self.name = name
+        self.db = db
         self.driver = driver
         self.shadow = shadow
         self.retention = retention
@@ -61,6 +63,9 @@ class ReplicaShipper:
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.errors = 0
+        self.behind_threshold = False  # set by the agent's threshold monitor
+        # the last restore drill of this replica (replicator.verify), for status and metrics
+        self.verify: dict = {"last_success": None, "last_ok": None, "last_error": None, "seconds": None}
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -110,6 +115,11 @@ class ReplicaShipper:
                 self._advance(a)
             else:
                 self.offer(a)
+
+    def newest_snapshot_time(self, generation: str) -> float | None:
+        """Creation time of the newest snapshot of generation this replica holds."""
+        times = [k.time_ms for k in (keys.parse_key(u) for u in list(self.uploaded)) if k is not None and k.kind == keys.SNAPSHOT and k.generation == generation]
+        return max(times) / 1000.0 if times else None
 
     def has(self, key: keys.ArtefactKey) -> bool:
         return key.key in self.uploaded
@@ -187,12 +197,14 @@ class ReplicaShipper:
             return True
         except (StorageError, OSError) as e:
             self.errors += 1
+            metrics.UPLOAD_FAILURES.labels(db=self.db, replica=self.name).inc()
             msg = str(e)
             if msg != self.last_error:
                 self.log.warning("upload failed; will retry", key=item.key.key, error=msg)
             self.last_error = msg
             return False
         now = self.clock()
+        metrics.UPLOAD_SECONDS.labels(db=self.db, replica=self.name).observe(time.monotonic() - started)
         if self.last_error is not None:
             self.log.info("replica recovered", key=item.key.key)
         self.last_error = None
@@ -230,5 +242,6 @@ class ReplicaShipper:
         for key in decision.delete:
             self.driver.delete(key.key)
             self.uploaded.discard(key.key)
+            metrics.RETENTION_DELETIONS.labels(db=self.db, replica=self.name).inc()
             self.log.info("pruned", key=key.key, reason=decision.reasons.get(key.key, ""))
         return len(decision.delete)

@@ -392,7 +392,7 @@ def test_defaults_fill_everything():
 def test_defaults_mapping_matches_dataclass_defaults():
     db = parse(minimal()).dbs[0]
     for key, value in DEFAULTS.items():
-        if key in ("log-level", "log-format"):
+        if key in ("log-level", "log-format", "metrics-addr"):
             continue
         assert getattr(db, key.replace("-", "_")) == value, key
     assert DEFAULTS["snapshot-interval"] == DEFAULTS["snapshot_interval"] == 3600.0
@@ -1095,8 +1095,24 @@ def test_dataclass_field_names_are_the_contract():
         "path", "shadow_dir", "replicas", "snapshot_interval", "retention", "retention_check_interval",
         "compression", "compression_level", "min_checkpoint_page_count", "checkpoint_interval",
         "truncate_page_count", "monitor_interval", "sync_interval", "shadow_max_bytes", "shutdown_timeout",
+        "data_loss_window_threshold", "verify_interval", "restore_if_db_not_exists",
     ]
-    assert [f.name for f in dataclasses.fields(Config)] == ["dbs", "log_level", "log_format", "source", "warnings"]
+    assert [f.name for f in dataclasses.fields(Config)] == ["dbs", "log_level", "log_format", "source", "warnings", "metrics_addr"]
+
+
+def test_operations_keys():
+    config = parse(minimal(extra_db="    data-loss-window-threshold: 3s\n    verify-interval: 1h\n", top="metrics-addr: 127.0.0.1:9090\nrestore-if-db-not-exists: true"))
+    db = config.dbs[0]
+    assert config.metrics_addr == "127.0.0.1:9090"
+    assert db.data_loss_window_threshold == 3.0
+    assert db.verify_interval == 3600.0
+    assert db.restore_if_db_not_exists is True
+    assert parse(minimal()).metrics_addr is None
+    assert parse(minimal()).dbs[0].data_loss_window_threshold == 10.0
+    for bad in ("9090", "localhost", "host:99999", "[::1:80"):
+        with pytest.raises(ConfigError, match="metrics-addr: expected HOST:PORT"):
+            parse(minimal(top=f"metrics-addr: '{bad}'"))
+    assert parse(minimal(top="metrics-addr: ':9090'")).metrics_addr == ":9090"
 
 
 def test_config_error_is_plain_exception_with_one_line():

@@ -31,7 +31,7 @@ def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
     with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
         wait_for(lambda: has_snapshot(replica), what="first snapshot")
         # the app never checkpoints: only the agent's checkpoints can reset the WAL
-        writer = start_writer(db, [["autocheckpoint", 0], ["insert", 800, 500]], lib="apsw")
+        writer = start_writer(db, [["autocheckpoint", 0], ["insert", 2000, 500]], lib="apsw")
         peak = 0
         while writer.poll() is None:
             if wal.exists():
@@ -39,8 +39,11 @@ def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
             time.sleep(0.01)
         assert writer.returncode == 0
         assert agent.stop() == 0
-    # 800 commits of one or two pages each would be 4-7 MiB of WAL without checkpoints
-    assert 0 < peak < 2 << 20, f"WAL grew to {peak} bytes"
+    # 2,000 commits of one or two pages each would be 10-17 MiB of WAL without checkpoints;
+    # the agent's checkpoints restart it again and again (peaks of 1-2.5 MiB seen, 4.6 MiB on
+    # a loaded 2-core machine)
+    assert 0 < peak < 6 << 20, f"WAL grew to {peak} bytes"
+    assert (tmp_path / "agent.log").read_text().count('"event": "wal restarted"') >= 5
     restore_equals_source(tmp_path, replica, db)
 
 
