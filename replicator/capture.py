@@ -24,9 +24,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import xxhash
 
-from replicator import keys, metrics
+from replicator import db_image, keys, metrics
 from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
@@ -640,47 +639,12 @@ class Capture:
 
     def _pinned_view_and_frames(self) -> tuple[WalIndexHeader, WalHeader | None, list[FrameInfo]] | None:
         """Pin and read the frames 1..V of the pinned view (V = its mx_frame)."""
-        view = self.sql.pin()
-        if view is None:
-            return None
-        if view.mx_frame == 0:
-            return view, self._file_header(), []
-        header = self._file_header()
-        if header is None or header.salts != view.salts:
-            return None
-        fd = self._fd()
-        assert fd is not None
-        frames = list(scan_frames(fd, header, ChainPos.start(header), end_index=view.mx_frame))
-        if not frames or frames[-1].index != view.mx_frame or not frames[-1].is_commit:
-            return None
-        return view, header, frames
+        return db_image.pinned_frames(self.sql, self._fd())
 
     def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink) -> np.ndarray:
         """Stream the database image at the pinned view to sink; returns per-page hashes."""
-        hashes = np.zeros(db_pages, dtype=np.uint64)
-        chunk_pages = max(1, (4 << 20) // page_size)
-        wal_fd = self._fd()
-        overlay_sorted = sorted(overlay)
-        oi = 0
-        dbfd = self.sql.db_fd
-        assert dbfd is not None
-        for first in range(1, db_pages + 1, chunk_pages):
-            n = min(chunk_pages, db_pages - first + 1)
-            buf = bytearray(os.pread(dbfd, n * page_size, (first - 1) * page_size))
-            if len(buf) < n * page_size:
-                buf.extend(bytes(n * page_size - len(buf)))
-            while oi < len(overlay_sorted) and overlay_sorted[oi] < first + n:
-                p = overlay_sorted[oi]
-                if p >= first:
-                    assert wal_fd is not None
-                    off = (p - first) * page_size
-                    buf[off : off + page_size] = read_page(wal_fd, page_size, overlay[p])
-                oi += 1
-            mv = memoryview(buf)
-            h = xxhash.xxh3_64_intdigest
-            hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
-            sink(mv)
-        return hashes
+        assert self.sql.db_fd is not None
+        return db_image.read_image(self.sql.db_fd, self._fd(), page_size, db_pages, overlay, sink)
 
     def start_generation(self, reason: str) -> None:
         """Begin a new generation with a snapshot of the database at the pinned view."""

@@ -3,6 +3,7 @@
     replicator replicate [-c FILE] [DB_PATH REPLICA_URL] [--exec CMD]
     replicator restore [-c FILE] [-o OUT] [options] DB_PATH|REPLICA_URL
     replicator status [-c FILE] [--addr HOST:PORT] [--json]
+    replicator verify [-c FILE] [--replica NAME] [--json] [DB_PATH|REPLICA_URL]
     replicator generations|snapshots|segments [-c FILE] [--json] DB_PATH|REPLICA_URL
     replicator demo [--dir DIR] [--seconds N]
 """
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -114,6 +116,11 @@ def cmd_replicate(args) -> int:
         logs.configure(args.log_level or config.log_level, args.log_format or config.log_format)
     for w in config.warnings:
         logs.get().warning(w)
+    from replicator.bootstrap import restore_if_missing
+
+    for db in config.dbs:
+        if args.restore_if_db_not_exists or db.restore_if_db_not_exists:
+            restore_if_missing(db, logs.get(db=str(db.path)))
     stop = threading.Event()
     child = None
 
@@ -289,6 +296,59 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+# -- verify ---------------------------------------------------------------------------------------
+def _verify_targets(args) -> list[tuple[str | None, list[tuple[str, object]]]]:
+    """(live database path or None, [(replica name, config or URL)]) to drill."""
+    if args.target and _is_url(args.target):
+        if args.replica:
+            raise UserError("--replica names a replica in the config; it cannot be used with a replica URL")
+        return [(None, [(args.target.split("://", 1)[0], args.target)])]
+    from replicator.config import find_db
+
+    config = _load_config(args.config)
+    dbs = [find_db(config, args.target)] if args.target else list(config.dbs)
+    out = []
+    for db in dbs:
+        replicas = [r for r in db.replicas if not args.replica or r.name == args.replica]
+        if args.replica and not replicas:
+            raise UserError(f"database {db.path} has no replica named {args.replica!r} (it has: {', '.join(r.name for r in db.replicas)})")
+        out.append((str(db.path), [(r.name, r) for r in replicas]))
+    return out
+
+
+def cmd_verify(args) -> int:
+    from replicas import StorageError
+    from replicator.db_image import live_checksum
+    from replicator.verify import Verdict, verify_replica
+
+    scratch = Path(args.scratch_dir) if args.scratch_dir else Path(tempfile.gettempdir())
+    if not scratch.is_dir():
+        raise UserError(f"--scratch-dir {scratch} is not a directory")
+    targets = _verify_targets(args)
+    results = []
+    for db_path, replicas in targets:
+        source = None
+        if db_path is not None and Path(db_path).exists():
+            source = lambda p=db_path: live_checksum(Path(p))[0]  # noqa: E731
+        for name, spec in replicas:
+            try:
+                driver = _open(spec)
+            except StorageError as e:
+                verdict = Verdict(replica=name, ok=False, reason="unreachable", message=str(e))
+            else:
+                try:
+                    verdict = verify_replica(name, driver, scratch_dir=scratch, source_checksum=source, wait=args.wait)
+                finally:
+                    driver.close()
+            results.append((db_path, verdict))
+            if not args.json:
+                prefix = f"{db_path} -> " if db_path is not None and len(targets) > 1 else ""
+                print(prefix + verdict.line(), flush=True)
+    if args.json:
+        print(json.dumps([{"db": db, **v.as_dict()} for db, v in results], indent=2))
+    return EXIT_OK if all(v.ok for _, v in results) else EXIT_FAILED
+
+
 # -- listings -------------------------------------------------------------------------------------
 def _table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
@@ -362,8 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", nargs="?", metavar="DB_PATH")
     p.add_argument("url", nargs="?", metavar="REPLICA_URL")
     p.add_argument("--exec", metavar="CMD", help="run CMD as a child; stop when it exits and exit with its code")
+    p.add_argument("--restore-if-db-not-exists", action="store_true",
+                   help="restore a missing database from its replicas before replicating")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz and /status here (overrides metrics-addr)")
     p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser("verify", parents=[common], help="restore drill: restore each replica's latest state into a scratch file and check it")
+    p.add_argument("-c", "--config")
+    p.add_argument("--replica", metavar="NAME", help="only this named replica of the config")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--scratch-dir", metavar="DIR", help="where the scratch restores go (default: the system temp dir)")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for a replica to reach the live database's state (default 10)")
+    p.add_argument("target", nargs="?", metavar="DB_PATH|REPLICA_URL", help="default: every database of the config")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("status", parents=[common], help="show the running agent's positions and data-loss windows")
     p.add_argument("-c", "--config", help="config file whose metrics-addr the agent serves")
@@ -413,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     from replicator.restore import RestoreError
     from replicator.restore_plan import PlanError
     from replicator.metrics_server import MetricsServerError
+    from replicator.bootstrap import BootstrapError
 
     level = args.log_level or os.environ.get("REPLICATOR_LOG_LEVEL") or "info"
     logs.configure(level, args.log_format or "auto")
@@ -424,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     except MetricsServerError as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (RestoreError, PlanError, StorageError, AgentUnreachable) as e:
+    except (RestoreError, PlanError, StorageError, AgentUnreachable, BootstrapError) as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,8 @@ def open_replica(rc: ReplicaConfig, db: str = ""):
 class DatabaseReplicator:
     """Replicates one database: capture into the shadow log, ship to every replica."""
 
+    RECORDED_MAX = 100_000  # recent transactions whose checksums a restore drill can compare
+
     def __init__(self, cfg: DbConfig, *, on_shipped: Callable[[ReplicaShipper, Pending, float], None] | None = None):
         self.cfg = cfg
         self.log = logs.get(db=str(cfg.path))
@@ -45,6 +47,9 @@ class DatabaseReplicator:
             )
             for rc in cfg.replicas
         ]
+        # (generation, txid) -> database checksum capture recorded, for restore drills
+        self.recorded: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self.next_verify = time.monotonic() + cfg.verify_interval if cfg.verify_interval else None
         self._local: deque[keys.ArtefactKey] = deque()
         self._local_bytes: dict[str, int] = {}  # key -> size of what the shadow log holds
         self.shadow_full = False
@@ -74,6 +79,10 @@ class DatabaseReplicator:
         # the header and size come from capture: no shipper re-reads the artefact
         size = self.capture.shadow.path_of(key.key).stat().st_size
         self._remember(key, size)
+        for t in header.txns:
+            self.recorded[(key.generation, t.txid)] = t.db_checksum
+        while len(self.recorded) > self.RECORDED_MAX:
+            self.recorded.popitem(last=False)
         for s in self.shippers:
             s.offer(key, first_commit_time=header.txns[0].commit_time, size=size)
 
@@ -198,6 +207,27 @@ class DatabaseReplicator:
         now = time.time()
         return {s.name: s.data_loss_window(now) for s in self.shippers}
 
+    def run_drills(self) -> None:
+        """Restore-drill every replica (verify-interval) and record the verdicts."""
+        from replicator.verify import verify_replica
+
+        for s in self.shippers:
+            verdict = verify_replica(
+                s.name, s.driver, scratch_dir=self.capture.shadow.tmp, recorded=lambda g, t: self.recorded.get((g, t)), wait=0
+            )
+            db = str(self.cfg.path)
+            metrics.VERIFY_SECONDS.labels(db=db, replica=s.name).observe(verdict.seconds)
+            s.verify["seconds"] = verdict.seconds
+            s.verify["last_ok"] = verdict.ok
+            if verdict.ok:
+                s.verify["last_success"] = time.time()
+                s.verify["last_error"] = None
+                s.log.info("restore drill passed", txid=verdict.txid, compared=verdict.compared, seconds=verdict.seconds)
+            else:
+                metrics.VERIFY_FAILURES.labels(db=db, replica=s.name, reason=verdict.reason).inc()
+                s.verify["last_error"] = f"{verdict.reason}: {verdict.message}"
+                s.log.error("restore drill failed", reason=verdict.reason, error=verdict.message)
+
     def check_thresholds(self, now: float) -> None:
         """Log once when a replica's data-loss window crosses the threshold, and once when it
         is back within it."""
@@ -230,6 +260,7 @@ class Agent:
         by_path = {str(d.cfg.path): d for d in self.databases}
         self._events = ChangeEvents(lambda path: by_path[path].notify())
         self._stopped = threading.Event()
+        self._stopping = threading.Event()
         self.metrics_addr = metrics_addr or config.metrics_addr
         self.metrics_server = None
         self._monitor: threading.Thread | None = None
@@ -251,6 +282,9 @@ class Agent:
             d.start()
         self._monitor = threading.Thread(target=self._watch_thresholds, name="thresholds", daemon=True)
         self._monitor.start()
+        if any(d.next_verify is not None for d in self.databases):
+            self._verifier = threading.Thread(target=self._run_drills, name="verify", daemon=True)
+            self._verifier.start()
         extra = {"metrics": f"http://{self.metrics_addr}/metrics"} if self.metrics_addr else {}
         self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases), **extra)
 
@@ -260,7 +294,24 @@ class Agent:
             for d in list(self.databases):
                 d.check_thresholds(now)
 
+    def _run_drills(self) -> None:
+        """Background restore drills, one database at a time (verify-interval)."""
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            due = [d for d in list(self.databases) if d.next_verify is not None and d.next_verify <= now]
+            for d in due:
+                if self._stopping.is_set():
+                    return
+                try:
+                    d.run_drills()
+                except Exception as e:  # a drill must never take the agent down
+                    d.log.error("restore drill crashed", error=f"{type(e).__name__}: {e}")
+                d.next_verify = time.monotonic() + d.cfg.verify_interval
+            pending = [d.next_verify for d in list(self.databases) if d.next_verify is not None]
+            self._stopping.wait(max(0.1, min(pending) - time.monotonic()) if pending else 60)
+
     def stop(self) -> bool:
+        self._stopping.set()
         ok = True
         for d in self.databases:
             ok = d.stop() and ok
