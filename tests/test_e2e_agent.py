@@ -192,6 +192,40 @@ def test_exec_runs_the_app_as_a_child_and_returns_its_code(tmp_path):
     assert cli("replicate", str(db), f"file://{replica}", "--exec", failing, timeout=120).returncode == 3
 
 
+def test_exec_forwards_sigterm_and_ships_what_the_child_committed_on_the_way_out(tmp_path):
+    import sys
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    ready = tmp_path / "ready"
+    app = tmp_path / "app.py"
+    app.write_text(
+        f"""import signal, sqlite3, sys, time
+c = sqlite3.connect({str(db)!r}, isolation_level=None, timeout=10)
+c.execute("PRAGMA journal_mode=WAL")
+c.execute("CREATE TABLE IF NOT EXISTS t (v TEXT)")
+def on_term(signum, frame):
+    c.execute("INSERT INTO t VALUES ('goodbye')")  # committed after the agent got SIGTERM
+    sys.exit(7)
+signal.signal(signal.SIGTERM, on_term)
+open({str(ready)!r}, "w").write("1")
+while True:
+    c.execute("INSERT INTO t VALUES ('tick')")
+    time.sleep(0.02)
+"""
+    )
+    log = tmp_path / "agent.log"
+    with AgentProcess(str(db), f"file://{replica}", "--exec", f"{sys.executable} {app}", log=log) as agent:
+        wait_for(ready.exists, what="the app to start")
+        wait_for(lambda: has_snapshot(replica), what="a snapshot")
+        time.sleep(0.3)
+        assert agent.stop() == 7  # the child's code
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    values = rows(out, "SELECT v FROM t ORDER BY rowid")
+    assert values[-1] == "goodbye" and values.count("tick") >= 5
+    assert values == rows(db, "SELECT v FROM t ORDER BY rowid")
+
+
 def test_demo_replicates_and_restores(tmp_path):
     p = cli("demo", "--dir", str(tmp_path / "demo"), "--seconds", "2", "--log-format", "json", timeout=120)
     assert p.returncode == 0, p.stderr
