@@ -27,6 +27,7 @@ import numpy as np
 
 from replicator import db_image, keys, metrics
 from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
+from replicator.progress import console as console_progress
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
 from replicator.walindex import WalIndexHeader
@@ -135,6 +136,7 @@ class Capture:
     def close(self) -> None:
         self.sql.close()
         self.shadow.hashes.close()
+        self.shadow.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
@@ -641,10 +643,10 @@ class Capture:
         """Pin and read the frames 1..V of the pinned view (V = its mx_frame)."""
         return db_image.pinned_frames(self.sql, self._fd())
 
-    def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink) -> np.ndarray:
+    def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink, progress=None) -> np.ndarray:
         """Stream the database image at the pinned view to sink; returns per-page hashes."""
         assert self.sql.db_fd is not None
-        return db_image.read_image(self.sql.db_fd, self._fd(), page_size, db_pages, overlay, sink)
+        return db_image.read_image(self.sql.db_fd, self._fd(), page_size, db_pages, overlay, sink, progress)
 
     def start_generation(self, reason: str) -> None:
         """Begin a new generation with a snapshot of the database at the pinned view."""
@@ -670,7 +672,8 @@ class Capture:
                 generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
             )
             try:
-                hashes = self._read_image(page_size, db_pages, overlay, writer.write)
+                with console_progress(f"snapshot of {self.cfg.path}", db_pages * page_size) as bar:
+                    hashes = self._read_image(page_size, db_pages, overlay, writer.write, bar.advance)
                 if not self.sql.pinned:
                     after = self.sql.index.read()
                     if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
@@ -734,7 +737,8 @@ class Capture:
             writer = SnapshotWriter(
                 state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
             )
-            hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), writer.write)
+            with console_progress(f"snapshot of {self.cfg.path}", state.db_pages * state.page_size) as bar:
+                hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), writer.write, bar.advance)
             if not self.sql.pinned:
                 after = self.sql.index.read()
                 if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):

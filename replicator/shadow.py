@@ -1,12 +1,19 @@
 """The shadow log: a local directory holding the capture position and the artefacts not yet
 on every replica.
 
-    <shadow>/state.json                 CaptureState: generation, txid, database checksum, WAL position
+    <shadow>/state                      CaptureState (generation, txid, database checksum, WAL position)
+                                        in two checksummed slots written in turn
+    <shadow>/state.json                 the same, as written by versions before 0.2 (read once)
     <shadow>/pagehash                   per-page hashes behind the incremental database checksum
     <shadow>/generations/...            artefacts, same keys as on a replica (replicator.keys)
     <shadow>/tmp/                       spool files of artefacts being built
 
-Artefacts are written durably (fsync, rename, directory fsync) before any shipper sees them.
+Artefacts are written durably (fdatasync, directory fsync) before any shipper sees them and
+before the state that covers them; an artefact torn by a crash lies past the durable state,
+and the agent discards it at start (the WAL still holds its frames: the agent checkpoints
+only what the durable state covers). This write path runs for every segment, so it keeps
+its directory and state descriptors open and makes few system calls: about eight per
+segment in all.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +29,14 @@ import numpy as np
 
 from replicator import keys
 from replicator.artefact import EncodedArtefact
-from replicator.fsutil import fsync_dir, write_atomic
+from replicator.fsutil import fsync_dir
+
+import xxhash
 
 STATE_VERSION = 1
+_SLOT = 2048  # bytes per state slot
+_SLOT_HEAD = struct.Struct("<4sQI")  # magic, sequence number, JSON length
+_SLOT_MAGIC = b"RPLS"
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class PageHashes:
         self.path = path
         self._mm: np.memmap | None = None
         self._capacity = 0
+        self._fd: int | None = None  # for the header, written at every segment
+        self._pages = -1  # db_pages of the last update (-1: unknown, zero the tail)
 
     def _map(self, pages: int) -> None:
         if self._mm is not None and pages <= self._capacity:
@@ -111,6 +126,7 @@ class PageHashes:
         assert self._mm is not None
         self._mm[: len(hashes)] = hashes
         self._mm[len(hashes) :] = 0
+        self._pages = len(hashes)
         self.set_position(generation, txid)
 
     def load(self) -> tuple[str, int] | None:
@@ -128,8 +144,9 @@ class PageHashes:
 
     def set_position(self, generation: str, txid: int) -> None:
         head = generation.encode("ascii")[:40].ljust(40, b"\0") + txid.to_bytes(8, "little")
-        with open(self.path, "r+b") as f:
-            f.write(head)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        os.pwrite(self._fd, head, 0)
 
     def get(self, pgno: int) -> int:
         if self._mm is None or pgno > self._capacity:
@@ -144,7 +161,9 @@ class PageHashes:
             idx = np.fromiter((p - 1 for p in changes), dtype=np.int64, count=len(changes))
             vals = np.fromiter(changes.values(), dtype=np.uint64, count=len(changes))
             self._mm[idx] = vals
-        self._mm[db_pages:] = 0
+        if db_pages < self._pages or self._pages < 0:
+            self._mm[db_pages:] = 0  # the database shrank (or the table is new to us)
+        self._pages = db_pages
 
     def checksum(self, db_pages: int) -> int:
         if self._mm is None or db_pages == 0:
@@ -156,6 +175,10 @@ class PageHashes:
             self._mm.flush()
             del self._mm
             self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._pages = -1
 
 
 class ShadowLog:
@@ -169,19 +192,39 @@ class ShadowLog:
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
         self.hashes = PageHashes(self.root / "pagehash")
+        self._state_fd: int | None = None
+        self._state_seq = 0
+        self._dir_fds: dict[Path, int] = {}
 
     # -- state --------------------------------------------------------------------------
     def load_state(self) -> CaptureState | None:
-        path = self.root / "state.json"
-        if not path.exists():
-            return None
-        try:
-            return CaptureState.from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            return None
+        return read_state(self.root)
 
     def save_state(self, state: CaptureState) -> None:
-        write_atomic(self.root / "state.json", json.dumps(state.to_json(), sort_keys=True).encode())
+        """Make state durable: written into the older of two checksummed slots, so a torn
+        write leaves the previous state readable."""
+        body = json.dumps(state.to_json(), sort_keys=True).encode()
+        if _SLOT_HEAD.size + len(body) + 8 > _SLOT:
+            raise ValueError("capture state too large for its slot")
+        fd = self._state_file()
+        self._state_seq += 1
+        record = _SLOT_HEAD.pack(_SLOT_MAGIC, self._state_seq, len(body)) + body
+        record += xxhash.xxh64_intdigest(record).to_bytes(8, "little")
+        os.pwrite(fd, record, (self._state_seq % 2) * _SLOT)
+        os.fdatasync(fd)
+
+    def _state_file(self) -> int:
+        if self._state_fd is None:
+            path = self.root / "state"
+            created = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if created or os.fstat(fd).st_size < 2 * _SLOT:
+                os.ftruncate(fd, 2 * _SLOT)
+                os.fsync(fd)
+                fsync_dir(self.root)
+            self._state_seq = max((seq for seq, _ in _read_slots(path)), default=0)
+            self._state_fd = fd
+        return self._state_fd
 
     # -- artefacts ----------------------------------------------------------------------
     def path_of(self, key: str) -> Path:
@@ -189,8 +232,44 @@ class ShadowLog:
 
     def write(self, key: str, artefact: EncodedArtefact) -> int:
         """Write an artefact durably under key; returns its size."""
-        write_atomic(self.path_of(key), artefact.write_to)
+        path = self.path_of(key)
+        dirfd = self._dir_fd(path.parent)
+        fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        try:
+            artefact.write_to(_FdWriter(fd))
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path.name, dir_fd=dirfd)
+            raise
+        os.close(fd)
+        os.fsync(dirfd)
         return artefact.size
+
+    def _dir_fd(self, directory: Path) -> int:
+        """An open descriptor of directory (created durably if missing), cached."""
+        fd = self._dir_fds.get(directory)
+        if fd is None:
+            if not directory.is_dir():
+                missing = [d for d in (directory, *directory.parents) if not d.exists()]
+                directory.mkdir(parents=True, exist_ok=True)
+                for d in reversed(missing):
+                    fsync_dir(d.parent)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # one generation is written at a time: keep only the newest few
+            while len(self._dir_fds) >= 4:
+                os.close(self._dir_fds.pop(next(iter(self._dir_fds))))
+            self._dir_fds[directory] = fd
+        return fd
+
+    def close(self) -> None:
+        """Release the cached descriptors (the shadow log stays usable; they reopen)."""
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+        if self._state_fd is not None:
+            os.close(self._state_fd)
+            self._state_fd = None
 
     def remove(self, key: str) -> None:
         path = self.path_of(key)
@@ -215,6 +294,8 @@ class ShadowLog:
         return out
 
     def drop_generation(self, generation: str) -> None:
+        for d in [d for d in self._dir_fds if generation in d.parts]:
+            os.close(self._dir_fds.pop(d))
         shutil.rmtree(self.root / keys.GENERATIONS / generation, ignore_errors=True)
 
     def size(self) -> int:
@@ -229,3 +310,61 @@ class ShadowLog:
 
     def sync_dirs(self) -> None:
         fsync_dir(self.root)
+
+
+class _FdWriter:
+    """The write() an artefact streams into, straight onto a descriptor (no buffering layer)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        return total
+
+
+def _read_slots(path: Path) -> list[tuple[int, dict]]:
+    """The valid (sequence, state JSON) records of a state file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for off in (0, _SLOT):
+        slot = data[off : off + _SLOT]
+        if len(slot) < _SLOT_HEAD.size + 8:
+            continue
+        magic, seq, length = _SLOT_HEAD.unpack_from(slot)
+        end = _SLOT_HEAD.size + length
+        if magic != _SLOT_MAGIC or end + 8 > len(slot):
+            continue
+        if xxhash.xxh64_intdigest(slot[:end]) != int.from_bytes(slot[end : end + 8], "little"):
+            continue
+        try:
+            out.append((seq, json.loads(slot[_SLOT_HEAD.size : end])))
+        except ValueError:
+            continue
+    return out
+
+
+def read_state(root: str | os.PathLike) -> CaptureState | None:
+    """The durable capture state of a shadow directory (no side effects), or None."""
+    root = Path(root)
+    slots = _read_slots(root / "state")
+    candidates = [d for _, d in sorted(slots, key=lambda r: r[0], reverse=True)]
+    legacy = root / "state.json"
+    if not slots and legacy.exists():
+        try:
+            candidates.append(json.loads(legacy.read_text()))
+        except ValueError:
+            pass
+    for d in candidates:
+        try:
+            return CaptureState.from_json(d)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None

@@ -75,8 +75,10 @@ def test_node_lost_each_replica_alone_restores(tmp_path, monkeypatch):
     try:
         wait_for(lambda: has_snapshot(tmp_path / "file-replica"), what="first snapshot")
         write(db, [["insert", 40, 500], ["batch", 100, 300], ["update", 20]], lib="apsw")
-        state = json.loads(next((tmp_path / ".app.db-replicator").glob("state.json")).read_text())
-        wait_for(lambda: all(_last_txid(cfg, db, n) >= state["txid"] for n in names), timeout=60, what="every replica caught up")
+        from replicator.shadow import read_state
+
+        state = read_state(tmp_path / ".app.db-replicator")
+        wait_for(lambda: all(_last_txid(cfg, db, n) >= state.txid for n in names), timeout=60, what="every replica caught up")
     finally:
         agent.kill()  # the node is lost
     checkpoint(db)

@@ -1,0 +1,70 @@
+"""The shadow log's durable state: two checksummed slots written in turn, so a torn write
+leaves the previous state; state.json of earlier versions is still read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from replicator.shadow import CaptureState, ShadowLog, WalPosition, read_state
+
+
+def _state(txid: int) -> CaptureState:
+    return CaptureState("20261122T000000000000Z-abcd", txid, 4096, 10 + txid, 0xDEADBEEF ^ txid, 1.5 + txid,
+                        WalPosition(1, 2, 3 * txid, 4, 5, False, 4096, txid))
+
+
+def test_state_round_trips_and_the_newest_slot_wins(tmp_path):
+    log = ShadowLog(tmp_path / "s")
+    assert log.load_state() is None
+    for txid in range(1, 6):
+        log.save_state(_state(txid))
+        assert log.load_state() == _state(txid)
+    log.close()
+    # a new ShadowLog (an agent restart) continues the sequence in the right slot
+    again = ShadowLog(tmp_path / "s")
+    assert again.load_state() == _state(5)
+    again.save_state(_state(6))
+    assert read_state(tmp_path / "s") == _state(6)
+    assert (tmp_path / "s" / "state").stat().st_size == 4096
+
+
+def test_a_torn_state_write_leaves_the_previous_state(tmp_path):
+    log = ShadowLog(tmp_path / "s")
+    log.save_state(_state(1))
+    log.save_state(_state(2))
+    path = tmp_path / "s" / "state"
+    data = bytearray(path.read_bytes())
+    newest = 0 if data[4:12] == (2).to_bytes(8, "little") else 2048  # sequence 2 sits in slot 0
+    data[newest + 40] ^= 0x55  # damage the newest record: its checksum fails
+    path.write_bytes(bytes(data))
+    assert read_state(tmp_path / "s") == _state(1)
+    data[(2048 - newest) + 40] ^= 0x55  # both damaged: no state (the agent starts a generation)
+    path.write_bytes(bytes(data))
+    assert read_state(tmp_path / "s") is None
+
+
+def test_state_json_of_earlier_versions_is_read_and_then_superseded(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "state.json").write_text(json.dumps(_state(7).to_json()))
+    log = ShadowLog(root)
+    assert log.load_state() == _state(7)
+    log.save_state(replace(_state(7), txid=8))
+    assert read_state(root).txid == 8
+
+
+def test_artefact_directories_are_created_and_written_durably(tmp_path):
+    from replicator.artefact import SegmentWriter
+
+    log = ShadowLog(tmp_path / "s")
+    w = SegmentWriter("20261122T000000000000Z-abcd", 4096, codec="zstd", level=3)
+    w.add_txn(1, [(1, bytes(4096))], db_pages=1, commit_time=1.0, db_checksum=1)
+    artefact = w.finish(created=1.0)
+    key = "generations/20261122T000000000000Z-abcd/segments/0000000000000001-0000000000000001.1000.segment"
+    assert log.write(key, artefact) == artefact.size
+    assert log.path_of(key).read_bytes() == artefact.to_bytes()
+    assert [a.key for a in log.list()] == [key]
+    log.drop_generation("20261122T000000000000Z-abcd")
+    assert log.list() == []
+    log.close()
