@@ -54,9 +54,11 @@ def read_image(
     db_pages: int,
     overlay: dict[int, int],
     sink: Callable[[memoryview], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Stream the image (db file pages, replaced by the WAL frames in overlay: page -> frame
-    index) to sink in chunks of about 4 MiB; returns the per-page hashes."""
+    index) to sink in chunks of about 4 MiB; returns the per-page hashes. progress, if
+    given, gets the bytes of each chunk once the sink has taken it."""
     hashes = np.zeros(db_pages, dtype=np.uint64)
     chunk_pages = max(1, (4 << 20) // page_size)
     overlay_sorted = sorted(overlay)
@@ -78,6 +80,8 @@ def read_image(
         hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
         if sink is not None:
             sink(mv)
+        if progress is not None:
+            progress(n * page_size)
     return hashes
 
 

@@ -9,12 +9,16 @@ import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+_format = "json"  # the format configure() chose (auto resolved)
+
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     """Configure structlog once for the process; fmt is auto, text or json."""
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "text" if getattr(stream, "isatty", lambda: False)() else "json"
+    global _format
+    _format = fmt
     processors: list = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -30,6 +34,11 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def current_format() -> str:
+    """'text' or 'json': what the last configure() chose."""
+    return _format
 
 
 def get(**context):

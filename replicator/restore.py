@@ -40,7 +40,54 @@ class RestoreResult:
 
 def list_artefacts(driver: Driver) -> list[keys.ArtefactKey]:
     """Every artefact key on the replica (strays and temp files ignored)."""
-    return [k for k in (keys.parse_key(i.key) for i in driver.list(keys.GENERATIONS + "/")) if k is not None]
+    return list_artefacts_with_sizes(driver)[0]
+
+
+def list_artefacts_with_sizes(driver: Driver) -> tuple[list[keys.ArtefactKey], dict[str, int]]:
+    """Like list_artefacts, from the same single listing, plus each artefact's stored size
+    in bytes (key string -> size), e.g. for the progress of a restore."""
+    artefacts: list[keys.ArtefactKey] = []
+    sizes: dict[str, int] = {}
+    for info in driver.list(keys.GENERATIONS + "/"):
+        k = keys.parse_key(info.key)
+        if k is not None:
+            artefacts.append(k)
+            sizes[k.key] = info.size
+    return artefacts, sizes
+
+
+def planned_bytes(p: RestorePlan, sizes: dict[str, int]) -> int:
+    """Stored bytes of the artefacts a plan fetches (0 for those the sizes do not know)."""
+    return sum(sizes.get(a.key, 0) for a in (p.snapshot, *p.segments))
+
+
+class _CountingStream:
+    """A driver's read stream that reports every byte read from it to on_read."""
+
+    def __init__(self, inner, on_read: Callable[[int], None]):
+        self._inner = inner
+        self._on_read = on_read
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._inner.read(n)
+        if b:
+            self._on_read(len(b))
+        return b
+
+    def readinto(self, buf) -> int:
+        n = self._inner.readinto(buf)
+        if n:
+            self._on_read(n)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._inner.__exit__(*exc)
 
 
 def plan(driver: Driver, target: RestoreTarget) -> RestorePlan:
@@ -75,9 +122,10 @@ def integrity_check(path: Path) -> str:
     return "; ".join(str(r[0]) for r in rows[:5])
 
 
-def _open_artefact(driver: Driver, key: keys.ArtefactKey):
+def _open_artefact(driver: Driver, key: keys.ArtefactKey, on_read: Callable[[int], None] | None = None):
     try:
-        return driver.get(key.key)
+        stream = driver.get(key.key)
+        return _CountingStream(stream, on_read) if on_read is not None else stream
     except NotFound:
         raise RestoreError(f"{key.key}: missing from the replica") from None
     except StorageError as e:
@@ -92,8 +140,12 @@ def restore(
     restore_plan: RestorePlan | None = None,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    on_read: Callable[[int], None] | None = None,
 ) -> RestoreResult:
-    """Restore the planned state of the replica to output; see the module doc."""
+    """Restore the planned state of the replica to output; see the module doc.
+
+    progress gets the size of each decoded snapshot chunk written; on_read gets the number
+    of stored bytes each time some are read from the replica (download progress)."""
     output = Path(output)
     if output.exists() and not force:
         raise RestoreError(f"{output} already exists (use --force to replace it)")
@@ -101,7 +153,7 @@ def restore(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output)
     try:
-        result = _build(driver, p, tmp, progress)
+        result = _build(driver, p, tmp, progress, on_read)
         try:
             verdict = integrity_check(tmp)
         except apsw.Error as e:  # e.g. NotADBError, CorruptError: a failed check, not a crash
@@ -125,11 +177,11 @@ def restore(
     return RestoreResult(p, output, result[0], result[1], result[2], result[3], result[4], result[5])
 
 
-def _build(driver: Driver, p: RestorePlan, tmp: Path, progress) -> tuple[int, int, int, int, float, int]:
+def _build(driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None) -> tuple[int, int, int, int, float, int]:
     fetched = 0
     with open(tmp, "wb") as out:
         # snapshot: the raw database image
-        with _open_artefact(driver, p.snapshot) as f:
+        with _open_artefact(driver, p.snapshot, on_read) as f:
             try:
                 header = read_header(f)
                 verify_key(header, p.snapshot.key)
@@ -149,7 +201,7 @@ def _build(driver: Driver, p: RestorePlan, tmp: Path, progress) -> tuple[int, in
         fd = out.fileno()
         done = False
         for seg in p.segments:
-            with _open_artefact(driver, seg) as f:
+            with _open_artefact(driver, seg, on_read) as f:
                 try:
                     sh = read_header(f)
                     verify_key(sh, seg.key)

@@ -17,6 +17,8 @@ from typing import Callable
 from replicas import Driver, StorageError
 from replicator import keys, metrics
 from replicator.artefact import ArtefactError, read_header
+from replicator.progress import MiB, Progress
+from replicator.progress import console as console_progress
 from replicator.retention import plan_retention
 from replicator.shadow import ShadowLog
 
@@ -32,6 +34,11 @@ class Pending:
 
 class ReplicaShipper:
     """Ships one database's artefacts to one replica on a background thread."""
+
+    # a backlog this large (bytes or artefacts) when shipping resumes after a failure or
+    # an agent restart is a catch-up, shown as progress lines on a terminal
+    CATCHUP_MIN_BYTES = 4 * MiB
+    CATCHUP_MIN_ARTEFACTS = 100
 
     def __init__(
         self,
@@ -71,6 +78,9 @@ class ReplicaShipper:
         self._thread: threading.Thread | None = None
         self._next_retention = time.monotonic() + min(60.0, retention_check_interval)
         self._known_listing = False
+        self._catchup: Progress | None = None  # progress of the backlog being drained
+        self._catchup_end: str | None = None  # the last key of that backlog
+        self._catchup_armed = False  # the next success may begin a catch-up
 
     # -- queue ----------------------------------------------------------------------------
     def offer(self, key: keys.ArtefactKey, *, first_commit_time: float | None = None, size: int | None = None) -> None:
@@ -115,6 +125,7 @@ class ReplicaShipper:
                 self._advance(a)
             else:
                 self.offer(a)
+                self._catchup_armed = True
 
     def newest_snapshot_time(self, generation: str) -> float | None:
         """Creation time of the newest snapshot of generation this replica holds."""
@@ -166,7 +177,8 @@ class ReplicaShipper:
         while True:
             with self._cond:
                 while not self.pending and not self._stop and time.monotonic() < self._next_retention:
-                    self._cond.wait(min(1.0, max(0.01, self._next_retention - time.monotonic())))
+                    # offer() and stop() notify: an idle shipper sleeps until its retention check
+                    self._cond.wait(max(0.01, self._next_retention - time.monotonic()))
                 if self._stop:
                     return
                 item = self.pending[0] if self.pending else None
@@ -188,14 +200,21 @@ class ReplicaShipper:
         """Upload one artefact; True on success (it is then removed from the queue)."""
         path = self.shadow.path_of(item.key.key)
         started = time.monotonic()
+        bar = self._catchup
+        base = bar.done if bar is not None else 0
+        moving = {"progress": lambda sent: bar.update(base + sent)} if bar is not None else {}
         try:
             with open(path, "rb") as f:
-                self.driver.put(item.key.key, f, size=item.size)
+                self.driver.put(item.key.key, f, size=item.size, **moving)
         except FileNotFoundError:
             self.log.error("shadow artefact vanished before upload", key=item.key.key)
+            self._catchup_step(item, base)
             self._pop(item)
             return True
         except (StorageError, OSError) as e:
+            if bar is not None:
+                bar.update(base)  # what a failed attempt sent does not count
+            self._catchup_armed = True
             self.errors += 1
             metrics.UPLOAD_FAILURES.labels(db=self.db, replica=self.name).inc()
             msg = str(e)
@@ -211,11 +230,36 @@ class ReplicaShipper:
         self.last_success = now
         self.uploaded.add(item.key.key)
         self._advance(item.key)
+        self._catchup_step(item, base)
         self._pop(item)
         self.log.debug("shipped", key=item.key.key, bytes=item.size, seconds=round(time.monotonic() - started, 4))
         if self.on_shipped is not None:
             self.on_shipped(self, item, now - item.first_commit_time)
         return True
+
+    def _catchup_step(self, item: Pending, base: int) -> None:
+        """item (still first in the queue) is done: count it in the catch-up under way, or
+        begin one when a large backlog is left after a failure or a restart."""
+        if self._catchup is not None:
+            self._catchup.update(base + item.size)
+            if item.key.key == self._catchup_end:
+                self._catchup.close()
+                self._catchup = self._catchup_end = None
+            return
+        if not self._catchup_armed:
+            return
+        self._catchup_armed = False
+        with self._cond:
+            backlog = list(self.pending)
+        if len(backlog) < 2 or backlog[0] is not item:
+            return
+        size = sum(p.size for p in backlog)
+        if size < self.CATCHUP_MIN_BYTES and len(backlog) < self.CATCHUP_MIN_ARTEFACTS:
+            return
+        bar = console_progress(f"catch-up of {self.db} to {self.name}", size, min_bytes=self.CATCHUP_MIN_BYTES)
+        if bar.enabled:  # a terminal with text logs (progress.enable_console)
+            self._catchup, self._catchup_end = bar, backlog[-1].key.key
+            bar.update(item.size)
 
     def _pop(self, item: Pending) -> None:
         with self._cond:
