@@ -41,6 +41,8 @@ def restore_if_missing(db: DbConfig, log) -> bool:
             driver.close()
             continue
         except PlanError as e:
+            # a broken chain is not an empty replica: it may hold the only backup
+            unreachable.append(f"{rc.name}: {e}")
             log.warning("replica holds no restorable generation", replica=rc.name, error=str(e))
             driver.close()
             continue
@@ -55,7 +57,8 @@ def restore_if_missing(db: DbConfig, log) -> bool:
         if unreachable:
             raise BootstrapError(
                 f"{db.path} does not exist and cannot be restored: " + "; ".join(unreachable)
-                + " (not starting with an empty database while a replica may hold a backup)"
+                + " (not starting with an empty database while a replica may hold a backup;"
+                " restore by hand or clear the replica)"
             )
         log.info("no replica holds a backup; starting with a new database", path=str(db.path))
         return False

@@ -189,8 +189,11 @@ class ShadowLog:
         self.tmp = self.root / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
-        for stale in self.tmp.iterdir():
-            stale.unlink(missing_ok=True)
+        for stale in self.tmp.iterdir():  # spools and scratch restores of a previous run
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         self.hashes = PageHashes(self.root / "pagehash")
         self._state_fd: int | None = None
         self._state_seq = 0

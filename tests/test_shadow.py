@@ -68,3 +68,13 @@ def test_artefact_directories_are_created_and_written_durably(tmp_path):
     log.drop_generation("20261122T000000000000Z-abcd")
     assert log.list() == []
     log.close()
+
+
+def test_scratch_directories_left_in_tmp_by_a_killed_drill_are_cleared_at_start(tmp_path):
+    root = tmp_path / "s"
+    ShadowLog(root).close()
+    (root / "tmp" / "replicator-verify-x" / "sub").mkdir(parents=True)
+    (root / "tmp" / "replicator-verify-x" / "sub" / "latest.db").write_bytes(b"x")
+    (root / "tmp" / "spool-1").write_bytes(b"y")
+    ShadowLog(root).close()  # an agent start: no IsADirectoryError, nothing stale left
+    assert list((root / "tmp").iterdir()) == []
