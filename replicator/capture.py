@@ -107,6 +107,7 @@ class Capture:
         self.last_checkpoint = time.monotonic()
         self.last_snapshot = time.monotonic()
         self.last_snapshot_time: float | None = None  # wall clock, for metrics
+        self.snapshot_due = False
         self._last_ckpt: tuple[tuple[int, int] | None, int] = (None, 0)  # (salts, frames) at the last checkpoint
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
@@ -632,11 +633,15 @@ class Capture:
 
     # -- snapshots and generations ----------------------------------------------------------------
     def maybe_snapshot(self) -> bool:
-        if not self.opened or not self.cfg.snapshot_interval:
+        """Snapshot when the interval has passed, or when one is owed (snapshot_due: a
+        replica holds the generation's segments but none of its snapshots)."""
+        if not self.opened or self.state is None:
             return False
-        if time.monotonic() - self.last_snapshot < self.cfg.snapshot_interval:
-            return False
+        if not self.snapshot_due:
+            if not self.cfg.snapshot_interval or time.monotonic() - self.last_snapshot < self.cfg.snapshot_interval:
+                return False
         self.snapshot()
+        self.snapshot_due = False
         return True
 
     def _pinned_view_and_frames(self) -> tuple[WalIndexHeader, WalHeader | None, list[FrameInfo]] | None:

@@ -100,6 +100,22 @@ def _open(spec):
 
 
 # -- replicate ------------------------------------------------------------------------------------
+def _raise_open_files_limit() -> None:
+    """Each database holds about a dozen fds open (its connections, -wal, -shm, shadow log):
+    lift the soft limit to the hard one, so that hundreds of databases fit (a soft limit of
+    1024 would stop at about 80)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (ImportError, ValueError, OSError) as e:
+        logs.get().debug("cannot raise the open files limit", error=str(e))
+
+
 def cmd_replicate(args) -> int:
     from replicator.config import adhoc_config
     from replicator.controller import Agent
@@ -114,6 +130,10 @@ def cmd_replicate(args) -> int:
         logs.configure(config.log_level, config.log_format)
     elif args.log_level is None or args.log_format is None:
         logs.configure(args.log_level or config.log_level, args.log_format or config.log_format)
+    from replicator import progress
+
+    # long work (a large snapshot, a replica catching up) prints progress lines on a terminal
+    progress.enable_console(logs.current_format() == "text" and progress.is_terminal(sys.stderr))
     for w in config.warnings:
         logs.get().warning(w)
     from replicator.bootstrap import restore_if_missing
@@ -121,6 +141,13 @@ def cmd_replicate(args) -> int:
     for db in config.dbs:
         if args.restore_if_db_not_exists or db.restore_if_db_not_exists:
             restore_if_missing(db, logs.get(db=str(db.path)))
+    if config.dirs:
+        from replicator.discovery import restore_if_empty
+
+        for entry in config.dirs:
+            if args.restore_if_db_not_exists or entry.template.restore_if_db_not_exists:
+                restore_if_empty(entry, logs.get(dir=str(entry.dir)))
+    _raise_open_files_limit()
     stop = threading.Event()
     child = None
 
@@ -154,14 +181,34 @@ def cmd_replicate(args) -> int:
 
 
 # -- restore --------------------------------------------------------------------------------------
-def cmd_restore(args) -> int:
+def _restore_progress(args, driver, plan, output: Path):
+    """The download bar of a restore (bytes fetched of the planned artefacts' sizes): only on
+    a terminal with text logs, never for --dry-run; otherwise a reporter that prints nothing."""
+    from replicator.progress import Progress, is_terminal
+
+    if args.dry_run or logs.current_format() != "text" or not is_terminal(sys.stderr):
+        return Progress.null()
     from replicas import StorageError
-    from replicator.restore import RestoreError, list_artefacts, restore
-    from replicator.restore_plan import PlanError, RestoreTarget, plan_restore
+    from replicator.restore import list_artefacts_with_sizes, planned_bytes
+
+    try:
+        total = planned_bytes(plan, list_artefacts_with_sizes(driver)[1]) or None
+    except StorageError:
+        total = None  # the restore itself will say what is wrong
+    return Progress(f"restoring {output.name}", total, sys.stderr, final_label=f"restored {output.name}")
+
+
+def cmd_restore(args) -> int:
+    from replicator.restore import RestoreError, restore
+    from replicator.restore_plan import RestoreTarget
 
     log = logs.get()
     if args.txid is not None and args.timestamp is not None:
         raise UserError("use either --txid or --timestamp, not both")
+    if not _is_url(args.target):
+        entry = _dir_entry(args)
+        if entry is not None:  # DIR of a dir: entry: every database its replicas hold
+            return _restore_dir(args, entry)
     if _is_url(args.target):
         if not args.output:
             raise UserError("restoring from a replica URL needs -o OUT")
@@ -176,29 +223,7 @@ def cmd_restore(args) -> int:
         raise UserError(f"{output} already exists (use --force to replace it, or --if-db-not-exists)")
     target = RestoreTarget(generation=args.generation, txid=args.txid, timestamp=args.timestamp)
     candidates = _replicas_for(args)
-    # pick the replica with the newest restorable position; fall back when one is unreachable
-    best = None
-    errors = []
-    for name, spec in candidates:
-        try:
-            driver = _open(spec)
-            listing = list_artefacts(driver)
-        except StorageError as e:
-            errors.append(f"{name}: {e}")
-            log.warning("replica unreachable; trying another", replica=name, error=str(e))
-            continue
-        if not listing:
-            errors.append(f"{name}: holds no generations")
-            continue
-        try:
-            plan = plan_restore(listing, target)
-        except PlanError as e:
-            errors.append(f"{name}: {e}")
-            continue
-        end = plan.target_txid if plan.target_txid is not None else plan.last_txid
-        rank = (plan.generation, end)
-        if best is None or rank > best[0]:
-            best = (rank, name, driver, plan)
+    best, errors = _best_replica(candidates, target, log)
     if best is None:
         if args.if_replica_exists and all("holds no generations" in e for e in errors):
             log.info("no replica holds a backup; nothing to restore")
@@ -224,7 +249,13 @@ def cmd_restore(args) -> int:
     for note in plan.notes:
         log.warning(note)
     started = time.monotonic()
-    result = restore(driver, output, restore_plan=plan, force=args.force)
+    bar = _restore_progress(args, driver, plan, output)
+    try:
+        result = restore(driver, output, restore_plan=plan, force=args.force, on_read=bar.advance)
+    except BaseException:
+        bar.close(ok=False)
+        raise
+    bar.close()
     log.info(
         "restored",
         path=str(output),
@@ -235,6 +266,163 @@ def cmd_restore(args) -> int:
         seconds=round(time.monotonic() - started, 3),
     )
     return EXIT_OK
+
+
+def _best_replica(candidates, target, log, *, close_others: bool = False):
+    """(best, errors): best is (rank, name, driver, plan) for the replica with the newest
+    restorable position, or None; an unreachable replica is skipped (and named in errors)."""
+    from replicas import StorageError
+    from replicator.restore import list_artefacts
+    from replicator.restore_plan import PlanError, plan_restore
+
+    best = None
+    errors = []
+    for name, spec in candidates:
+        try:
+            driver = _open(spec)
+            listing = list_artefacts(driver)
+        except StorageError as e:
+            errors.append(f"{name}: {e}")
+            log.warning("replica unreachable; trying another", replica=name, error=str(e))
+            continue
+        if not listing:
+            errors.append(f"{name}: holds no generations")
+            continue
+        try:
+            plan = plan_restore(listing, target)
+        except PlanError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        end = plan.target_txid if plan.target_txid is not None else plan.last_txid
+        rank = (plan.generation, end)
+        if best is None or rank > best[0]:
+            if best is not None and close_others:
+                best[2].close()
+            best = (rank, name, driver, plan)
+        elif close_others:
+            driver.close()
+    return best, errors
+
+
+def _dir_entry(args):
+    """The dir: entry of the config whose directory is args.target, else None."""
+    from replicator.config import ConfigError
+
+    target = Path(args.target)
+    if target.exists() and not target.is_dir():
+        return None
+    try:
+        config = _load_config(args.config)
+    except ConfigError:
+        if target.is_dir():
+            raise
+        return None  # the database path's own checks report it, as they always did
+    wanted = target.absolute()
+    for entry in config.dirs:
+        if entry.dir == wanted or entry.dir.resolve() == wanted.resolve():
+            return entry
+    return None
+
+
+def _restore_dir(args, entry) -> int:
+    """`restore -c FILE DIR`: restore every database the replicas of the dir: entry hold
+    into DIR (or -o OUT_DIR) at its relative path; one line per database."""
+    import dataclasses
+
+    from replicas import StorageError
+    from replicator.discovery import databases_in_listing, join_url
+    from replicator.restore import RestoreError, restore
+    from replicator.restore_plan import RestoreTarget
+
+    log = logs.get()
+    if args.txid is not None or args.generation is not None:
+        raise UserError(
+            f"--txid and --generation name a point in one database's history; they cannot be used to restore "
+            f"every database under {entry.dir} (use --timestamp, or restore one database by its path)"
+        )
+    replicas = list(entry.replicas)
+    if args.replica:
+        replicas = [r for r in replicas if r.name == args.replica]
+        if not replicas:
+            names = ", ".join(r.name for r in entry.replicas)
+            raise UserError(f"dir {entry.dir} has no replica named {args.replica!r} (it has: {names})")
+    out_dir = Path(args.output or entry.dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is not a directory")
+    # every database some replica holds: <rel>/generations/... under the entry's base URL
+    found: set[str] = set()
+    refused: dict[str, str] = {}
+    errors = []
+    for rc in replicas:
+        try:
+            driver = _open(rc)
+            try:
+                rels, bad = databases_in_listing(info.key for info in driver.list(""))
+            finally:
+                driver.close()
+        except StorageError as e:
+            errors.append(f"{rc.name}: {e}")
+            log.warning("replica unreachable; trying another", replica=rc.name, error=str(e))
+            continue
+        found.update(rels)
+        refused.update(bad)
+    if not found and not refused:
+        if errors:
+            raise RestoreError("nothing to restore: " + "; ".join(errors))
+        if args.if_replica_exists:
+            log.info("no replica holds a backup; nothing to restore", dir=str(entry.dir))
+            return EXIT_OK
+        raise RestoreError(f"nothing to restore: no replica of dir {entry.dir} holds a database")
+    targets = []
+    root = out_dir.resolve()
+    for rel in sorted(found):
+        output = out_dir.joinpath(*rel.split("/"))
+        if not output.parent.resolve().is_relative_to(root):  # e.g. through a symlink already there
+            refused[rel] = f"{output.parent} resolves outside {out_dir}"
+            continue
+        targets.append((rel, output))
+    existing = [o for _, o in targets if o.exists()]
+    if existing and not (args.force or args.if_db_not_exists or args.dry_run):
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more} (use --force to replace, or --if-db-not-exists)")
+    target = RestoreTarget(timestamp=args.timestamp)
+    failed = 0
+    for rel, reason in sorted(refused.items()):
+        shown = rel if rel.isprintable() and rel.strip() == rel else repr(rel)
+        print(f"refused  {shown}: unsafe path from the replica ({reason}); not restored", flush=True)
+        failed += 1
+    for rel, output in targets:
+        if args.if_db_not_exists and output.exists():
+            print(f"exists   {rel}: {output} exists; nothing to do", flush=True)
+            continue
+        candidates = [(rc.name, dataclasses.replace(rc, url=join_url(rc.url, rel))) for rc in replicas]
+        best, errs = _best_replica(candidates, target, log, close_others=True)
+        if best is None:
+            print(f"failed   {rel}: nothing to restore: {'; '.join(errs)}", flush=True)
+            failed += 1
+            continue
+        _, name, driver, plan = best
+        try:
+            if args.dry_run:
+                end = f"txid {plan.target_txid}" if plan.target_txid is not None else f"txid {plan.last_txid}"
+                if plan.target_time is not None:
+                    end += f" (at {_iso(plan.target_time)})"
+                print(
+                    f"plan     {rel} -> {output}: replica {name}, generation {plan.generation}, "
+                    f"snapshot at txid {plan.snapshot.last_txid} + {len(plan.segments)} segment(s), to {end}",
+                    flush=True,
+                )
+                continue
+            for note in plan.notes:
+                log.warning(note, path=str(output))
+            result = restore(driver, output, restore_plan=plan, force=args.force)
+            print(f"restored {rel} -> {output}: replica {name}, generation {plan.generation}, txid {result.txid}", flush=True)
+        except (RestoreError, StorageError) as e:
+            print(f"failed   {rel}: {e}", flush=True)
+            failed += 1
+        finally:
+            driver.close()
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # -- status ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DbConfig",
+    "DirConfig",
     "ReplicaConfig",
     "adhoc_config",
     "default_shadow_dir",
@@ -92,6 +93,26 @@ class DbConfig:
 
 
 @dataclass(frozen=True)
+class DirConfig:
+    """A `dir:` entry: every SQLite database in a directory, each replicated on its own.
+
+    `template` holds the entry's resolved settings and its replicas at their base URLs; its
+    path is the directory itself. replicator.discovery turns each database found into a
+    DbConfig from it (own shadow directory, replica URLs extended by the relative path).
+    """
+
+    dir: Path
+    pattern: str  # glob on the file name
+    recursive: bool
+    watch: bool
+    template: DbConfig
+
+    @property
+    def replicas(self) -> tuple[ReplicaConfig, ...]:
+        return self.template.replicas
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `warnings` are non-fatal findings for the CLI to log."""
 
@@ -101,6 +122,7 @@ class Config:
     source: Path | None  # the file it came from, None for ad hoc
     warnings: tuple[str, ...] = ()
     metrics_addr: str | None = None  # host:port serving /metrics, /healthz, /readyz, /status
+    dirs: tuple[DirConfig, ...] = ()  # dir: entries, expanded by replicator.discovery
 
 
 class _KeyedAsWritten(Mapping[str, Any]):
@@ -175,6 +197,8 @@ _REPLICA_OVERRIDES = ("retention", "retention-check-interval", "sync-interval")
 
 _TOP_KEYS = ("dbs", *_DB_SPECS, *_GLOBAL_SPECS)
 _DB_KEYS = ("path", "shadow-dir", "replicas", *_DB_SPECS)
+_DIR_ONLY_KEYS = ("dir", "pattern", "recursive", "watch")
+_DIR_KEYS = (*_DIR_ONLY_KEYS, "replicas", *_DB_SPECS)
 _REPLICA_KEYS = ("name", "url", *_REPLICA_OVERRIDES)
 
 _STR = _Spec("str")
@@ -333,8 +357,16 @@ def find_db(config: Config, db_path: str | os.PathLike[str]) -> DbConfig:
     for db in config.dbs:
         if db.path.resolve() == resolved:
             return db
+    if config.dirs:  # a database under a dir: entry, whether or not it exists yet
+        from replicator.discovery import db_config, in_entry
+
+        for entry in config.dirs:
+            for candidate in (wanted, resolved):
+                if in_entry(entry, candidate):
+                    return db_config(entry, candidate)
     where = f"config {config.source}" if config.source else "the config"
-    have = ", ".join(str(db.path) for db in config.dbs) or "no databases"
+    have = ", ".join([*(str(db.path) for db in config.dbs), *(f"{e.dir}/{e.pattern}" for e in config.dirs)])
+    have = have or "no databases"
     raise ConfigError(f"database {wanted} is not in {where} (it has: {have})")
 
 
@@ -453,14 +485,23 @@ def _build(doc: object, ctx: _Context, *, source: Path | None) -> Config:
         ctx.fail("dbs", f"expected a list of databases, got {_type_name(raw_dbs)}")
     if not raw_dbs:
         ctx.fail("dbs", "must list at least one database")
-    dbs = tuple(_db(ctx, f"dbs[{i}]", raw, settings) for i, raw in enumerate(raw_dbs))
-    _check_overlaps(ctx, dbs)
+    entries: list[tuple[int, DbConfig]] = []
+    dir_entries: list[tuple[int, DirConfig]] = []
+    for i, raw in enumerate(raw_dbs):
+        if isinstance(raw, dict) and "dir" in raw:
+            if "path" in raw:
+                ctx.fail(f"dbs[{i}]", "give either path (one database) or dir (a directory of databases), not both")
+            dir_entries.append((i, _dir(ctx, f"dbs[{i}]", raw, settings)))
+        else:
+            entries.append((i, _db(ctx, f"dbs[{i}]", raw, settings)))
+    _check_overlaps(ctx, entries, dir_entries)
     return Config(
-        dbs=dbs,
+        dbs=tuple(db for _, db in entries),
         log_level=settings["log-level"],
         log_format=settings["log-format"],
         source=source,
         metrics_addr=settings["metrics-addr"],
+        dirs=tuple(entry for _, entry in dir_entries),
     )
 
 
@@ -469,6 +510,45 @@ def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> 
         ctx.fail(path, f"expected a mapping with path and replicas, got {_type_name(raw)}")
     _check_keys(ctx, path, raw, _DB_KEYS, where="db")
     db_path = _required_path(ctx, f"{path}.path", raw, "path")
+    return _db_entry(ctx, path, raw, inherited, db_path)
+
+
+def _dir(ctx: _Context, path: str, raw: dict, inherited: Mapping[str, Any]) -> DirConfig:
+    """A dir: entry; its settings and replicas are checked as for a path: entry."""
+    _check_keys(ctx, path, raw, _DIR_KEYS, where="dir")
+    value = _value(ctx, f"{path}.dir", raw, "dir")
+    if value is _MISSING:
+        ctx.fail(f"{path}.dir", "required: the directory that holds the databases")
+    directory = _path(ctx, f"{path}.dir", value)
+    pattern = _value(ctx, f"{path}.pattern", raw, "pattern")
+    if pattern is _MISSING:
+        pattern = "*.db"
+    else:
+        pattern = _string(ctx, f"{path}.pattern", pattern)
+        if "/" in pattern or "\\" in pattern:
+            ctx.fail(f"{path}.pattern", f"a glob on the file name, not a path{_got(pattern)} (use recursive: true for subdirectories)", pattern)
+        if not pattern.strip():
+            ctx.fail(f"{path}.pattern", "blank pattern (e.g. '*.db', '*.sqlite'; remove the key for *.db)", pattern)
+    flags = {}
+    for key in ("recursive", "watch"):
+        flag = _value(ctx, f"{path}.{key}", raw, key)
+        flags[key] = False if flag is _MISSING else _convert(ctx, f"{path}.{key}", flag, _BOOL)
+    template = _db_entry(ctx, path, raw, inherited, directory, entry_dir=True)
+    for j, replica in enumerate(template.replicas):
+        if replica.scheme == "file":
+            location = _file_url_path(replica.url)
+            if location == directory or (flags["recursive"] and _is_within(location, directory)):
+                where = "the directory" if location == directory else "the directory (it would be scanned for databases)"
+                ctx.fail(f"{path}.replicas[{j}].url", f"must not be {where} of the databases")
+    return DirConfig(
+        dir=directory, pattern=pattern, recursive=flags["recursive"], watch=flags["watch"], template=template
+    )
+
+
+def _db_entry(
+    ctx: _Context, path: str, raw: dict, inherited: Mapping[str, Any], db_path: Path, *, entry_dir: bool = False
+) -> DbConfig:
+    """The settings and replicas of a db entry (for a dir entry, db_path is the directory)."""
     settings = dict(inherited)
     for key, spec in _DB_SPECS.items():
         value = _value(ctx, f"{path}.{key}", raw, key)
@@ -478,7 +558,7 @@ def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> 
     if truncate and truncate <= minimum:
         ctx.fail(path, "truncate-page-count must be greater than min-checkpoint-page-count (or 0 to disable)")
 
-    shadow = _value(ctx, f"{path}.shadow-dir", raw, "shadow-dir")
+    shadow = _MISSING if entry_dir else _value(ctx, f"{path}.shadow-dir", raw, "shadow-dir")
     if shadow is _MISSING:
         shadow_dir = default_shadow_dir(db_path)
     else:
@@ -507,7 +587,7 @@ def _db(ctx: _Context, path: str, raw: object, inherited: Mapping[str, Any]) -> 
                 "give each replica a distinct name",
             )
         first_with_name[replica.name] = j
-        if replica.scheme == "file":
+        if replica.scheme == "file" and not entry_dir:
             location = _file_url_path(replica.url)
             if location == shadow_dir or _is_within(location, shadow_dir):
                 ctx.fail(f"{replica_path}.url", "must not be inside the shadow directory")
@@ -753,16 +833,20 @@ def _path(ctx: _Context, path: str, value: object) -> Path:
 def _required_path(ctx: _Context, path: str, mapping: dict, key: str) -> Path:
     value = _value(ctx, path, mapping, key)
     if value is _MISSING:
-        ctx.fail(path, "required: the database file's path")
+        ctx.fail(path, "required: the database file's path (or dir: a directory of databases)")
     return _path(ctx, path, value)
 
 
-def _check_overlaps(ctx: _Context, dbs: tuple[DbConfig, ...]) -> None:
-    """Two dbs must not share a file, a shadow directory or a replica location."""
+def _check_overlaps(
+    ctx: _Context, dbs: list[tuple[int, DbConfig]], dirs: list[tuple[int, DirConfig]] = ()
+) -> None:
+    """Two dbs must not share a file, a shadow directory or a replica location; two dir
+    entries must not share a directory or a replica base location."""
     seen_db: dict[Path, int] = {}
     seen_shadow: dict[Path, int] = {}
     seen_url: dict[str, str] = {}
-    for i, db in enumerate(dbs):
+    seen_dir: dict[Path, int] = {}
+    for i, db in dbs:
         real = db.path.resolve()
         if real in seen_db:
             ctx.fail(f"dbs[{i}].path", f"same database as dbs[{seen_db[real]}] ({db.path})")
@@ -772,12 +856,22 @@ def _check_overlaps(ctx: _Context, dbs: tuple[DbConfig, ...]) -> None:
             other = f"dbs[{seen_shadow[shadow]}]"
             ctx.fail(f"dbs[{i}].shadow-dir", f"same shadow directory as {other}; each database needs its own")
         seen_shadow[shadow] = i
-        for j, replica in enumerate(db.replicas):
-            if replica.url in seen_url:
-                other = seen_url[replica.url]
-                message = f"same location as {other}; each replica needs its own"
-                ctx.fail(f"dbs[{i}].replicas[{j}].url", message)
-            seen_url[replica.url] = f"dbs[{i}].replicas[{j}]"
+        _check_urls(ctx, i, db, seen_url)
+    for i, entry in dirs:
+        real = entry.dir.resolve()
+        if real in seen_dir:
+            ctx.fail(f"dbs[{i}].dir", f"same directory as dbs[{seen_dir[real]}] ({entry.dir})")
+        seen_dir[real] = i
+        _check_urls(ctx, i, entry.template, seen_url)
+
+
+def _check_urls(ctx: _Context, i: int, db: DbConfig, seen_url: dict[str, str]) -> None:
+    for j, replica in enumerate(db.replicas):
+        if replica.url in seen_url:
+            other = seen_url[replica.url]
+            message = f"same location as {other}; each replica needs its own"
+            ctx.fail(f"dbs[{i}].replicas[{j}].url", message)
+        seen_url[replica.url] = f"dbs[{i}].replicas[{j}]"
 
 
 # --- messages ---------------------------------------------------------------------------
@@ -797,15 +891,19 @@ def _misplaced(key: str, where: str) -> str:
     """A hint when key is valid somewhere else, or is a Litestream-style replica field."""
     replica_keys = {*_REPLICA_KEYS, *(k for opts in _DRIVER_OPTIONS.values() for k in opts)}
     if where == "top":
-        if key in ("path", "shadow-dir", "replicas"):
+        if key in ("path", "shadow-dir", "replicas", *_DIR_ONLY_KEYS):
             return f"; {key} belongs in an entry of dbs"
         if key in replica_keys:
             return f"; {key} belongs in a replica, under dbs[N].replicas"
-    elif where == "db":
+    elif where in ("db", "dir"):
         if key in _GLOBAL_SPECS:
             return f"; {key} can only be set at the top level"
         if key in replica_keys and key not in _DB_SPECS:
             return f"; {key} belongs in an entry of replicas"
+        if where == "db" and key in _DIR_ONLY_KEYS:
+            return f"; {key} is for an entry with dir (a directory of databases), not path"
+        if where == "dir" and key == "shadow-dir":
+            return "; each database found under dir gets its own shadow directory (.NAME-replicator beside it)"
     else:
         if key in ("type", "bucket", "path", "host"):
             return "; a replica's destination is one url, e.g. url: s3://BUCKET/PATH or sftp://HOST/PATH"

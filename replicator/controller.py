@@ -93,10 +93,12 @@ class DatabaseReplicator:
         existing = self.capture.shadow.list()
         for key in existing:
             self._remember(key)
+        state = self.capture.shadow.load_state()
         for s in self.shippers:
-            s.load(existing)
+            s.load(existing, state.generation if state is not None else None)
             s.start()
         self._initial_snapshot_time()
+        self._owe_snapshot_to_new_replicas()
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.cfg.path.name}", daemon=True)
         self._thread.start()
 
@@ -111,6 +113,19 @@ class DatabaseReplicator:
         known = [t for t in times if t is not None]
         if known:
             self.capture.last_snapshot_time = max(known)
+
+    def _owe_snapshot_to_new_replicas(self) -> None:
+        """A replica added to the config of a running generation would get only segments,
+        which restore cannot use without a snapshot: take one at the first step."""
+        state = self.capture.shadow.load_state()
+        if state is None:
+            return
+        if any(k.kind == keys.SNAPSHOT and k.generation == state.generation for k in self._local):
+            return  # the shadow still holds the generation's snapshot: it ships to everyone
+        lacking = [s.name for s in self.shippers if s.listed and s.newest_snapshot_time(state.generation) is None]
+        if lacking:
+            self.log.info("replica has no snapshot of the current generation; taking one", replicas=lacking)
+            self.capture.snapshot_due = True
 
     def _discard_orphans(self, existing: list[keys.ArtefactKey]) -> None:
         """Artefacts written after the last durable position (a crash between the two) go."""
@@ -256,9 +271,16 @@ class Agent:
     def __init__(self, config: Config, *, on_shipped=None, metrics_addr: str | None = None):
         self.config = config
         self.log = logs.get()
+        self._on_shipped = on_shipped
+        # databases and _by_path are replaced, never mutated (copy on write): status, metrics
+        # and the monitors iterate them without a lock while add/remove_database run
         self.databases = [DatabaseReplicator(db, on_shipped=on_shipped) for db in config.dbs]
-        by_path = {str(d.cfg.path): d for d in self.databases}
-        self._events = ChangeEvents(lambda path: by_path[path].notify())
+        self._by_path = {str(d.cfg.path): d for d in self.databases}
+        self._lock = threading.RLock()  # serialises add_database / remove_database
+        self._removing: dict[str, DatabaseReplicator] = {}  # stopping after remove_database
+        self._add_errors: dict[str, str] = {}
+        self._dirs = None  # replicator.discovery.DirectoryWatcher, for dir: entries
+        self._events = ChangeEvents(self._wake_database)
         self._stopped = threading.Event()
         self._stopping = threading.Event()
         self.metrics_addr = metrics_addr or config.metrics_addr
@@ -277,9 +299,17 @@ class Agent:
             self.metrics_server = MetricsServer(self.metrics_addr, self.status)  # fails before anything starts
         for d in self.databases:
             Path(d.cfg.path).parent.mkdir(parents=True, exist_ok=True)
-        self._events.watch([str(d.cfg.path) for d in self.databases])
+        self._events.start()
+        for d in self.databases:
+            self._watch_database(d)
         for d in self.databases:
             d.start()
+        if self.config.dirs:
+            from replicator.discovery import DirectoryWatcher
+
+            self._dirs = DirectoryWatcher(self.config.dirs, self._events, add=self._add_discovered, remove=self.remove_database)
+            self._dirs.scan()  # every database of every dir: entry, before "replicating"
+            self._dirs.start()  # then follow the watched ones
         self._monitor = threading.Thread(target=self._watch_thresholds, name="thresholds", daemon=True)
         self._monitor.start()
         if any(d.next_verify is not None for d in self.databases):
@@ -287,6 +317,88 @@ class Agent:
             self._verifier.start()
         extra = {"metrics": f"http://{self.metrics_addr}/metrics"} if self.metrics_addr else {}
         self.log.info("replicating", databases=len(self.databases), replicas=sum(len(d.shippers) for d in self.databases), **extra)
+
+    # -- databases at run time ------------------------------------------------------------
+    def _wake_database(self, path: str) -> None:
+        d = self._by_path.get(path)
+        if d is not None:
+            d.notify()
+
+    def _watch_database(self, d: DatabaseReplicator) -> None:
+        try:
+            self._events.add(str(d.cfg.path))
+        except OSError as e:
+            d.log.warning(
+                "no change events for this database; capture relies on its poll every monitor-interval",
+                error=e.strerror or str(e),
+                monitor_interval=d.cfg.monitor_interval,
+            )
+
+    def add_database(self, cfg: DbConfig) -> DatabaseReplicator | None:
+        """Start replicating cfg while the agent runs. None (and nothing started) when its
+        path is already replicated or still being removed, when the agent is stopping, or
+        when the replicator cannot be set up (logged)."""
+        key = str(cfg.path)
+        with self._lock:
+            if self._stopping.is_set() or key in self._by_path or key in self._removing:
+                self.log.debug("database not added: already replicated or being removed", path=key)
+                return None
+            in_use = {r.url for x in [*self.databases, *self._removing.values()] for r in x.cfg.replicas}
+            clash = [r.url for r in cfg.replicas if r.url in in_use]
+            if clash:  # two databases in one replica location would mix their generations
+                message = "replica location already used by another database"
+                if self._add_errors.get(key) != message:
+                    from replicas import redact_url
+
+                    self.log.error("cannot replicate database: " + message, path=key, url=redact_url(clash[0]))
+                self._add_errors[key] = message
+                return None
+            d = None
+            try:
+                d = DatabaseReplicator(cfg, on_shipped=self._on_shipped)
+                self._watch_database(d)
+                d.start()
+            except Exception as e:  # e.g. a replica URL its driver refuses, an unwritable shadow dir
+                if d is not None:
+                    try:
+                        d.stop(0.1)
+                    except Exception:  # half started: release what can be released
+                        pass
+                message = f"{type(e).__name__}: {e}"
+                if self._add_errors.get(key) != message:  # say it once, not at every rescan
+                    self.log.error("cannot replicate database", path=key, error=message)
+                self._add_errors[key] = message
+                self._events.remove(key)
+                return None
+            self._add_errors.pop(key, None)
+            self.databases = [*self.databases, d]
+            self._by_path = {**self._by_path, key: d}
+        self.log.debug("database added", path=key, replicas=len(d.shippers))
+        return d
+
+    def _add_discovered(self, cfg: DbConfig) -> bool:
+        return self.add_database(cfg) is not None
+
+    def remove_database(self, path) -> bool:
+        """Stop replicating the database at path, gracefully: capture what is committed, ship
+        it (up to shutdown-timeout), close. Its shadow directory stays, so adding it again
+        resumes. False when it is not replicated or replicas were not caught up."""
+        key = str(path)
+        with self._lock:
+            d = self._by_path.get(key)
+            if d is None:
+                return False
+            self.databases = [x for x in self.databases if x is not d]
+            self._by_path = {k: v for k, v in self._by_path.items() if v is not d}
+            self._removing[key] = d
+            self._events.remove(key)
+        try:
+            caught_up = d.stop()
+        finally:
+            with self._lock:
+                self._removing.pop(key, None)
+        self.log.info("database removed", path=key, caught_up=caught_up)
+        return caught_up
 
     def _watch_thresholds(self) -> None:
         while not self._stopped.wait(self.MONITOR_INTERVAL):
@@ -312,6 +424,8 @@ class Agent:
 
     def stop(self) -> bool:
         self._stopping.set()
+        if self._dirs is not None:
+            self._dirs.stop()  # no more adds; removals under way finish first
         ok = True
         for d in self.databases:
             ok = d.stop() and ok

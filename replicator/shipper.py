@@ -109,9 +109,10 @@ class ReplicaShipper:
             return None
         return Pending(key, header.txns[0].commit_time, size)
 
-    def load(self, artefacts: list[keys.ArtefactKey]) -> None:
-        """Queue the shadow artefacts this replica does not hold yet (at start-up)."""
-        generations = sorted({a.generation for a in artefacts})
+    def load(self, artefacts: list[keys.ArtefactKey], current_generation: str | None = None) -> None:
+        """Queue the shadow artefacts this replica does not hold yet (at start-up); the
+        current generation is listed too, to learn which of its snapshots the replica has."""
+        generations = sorted({a.generation for a in artefacts} | ({current_generation} if current_generation else set()))
         try:
             for gen in generations:
                 for info in self.driver.list(keys.generation_prefix(gen)):
@@ -131,6 +132,11 @@ class ReplicaShipper:
         """Creation time of the newest snapshot of generation this replica holds."""
         times = [k.time_ms for k in (keys.parse_key(u) for u in list(self.uploaded)) if k is not None and k.kind == keys.SNAPSHOT and k.generation == generation]
         return max(times) / 1000.0 if times else None
+
+    @property
+    def listed(self) -> bool:
+        """True when the start-up listing of the replica succeeded (uploaded is complete)."""
+        return self._known_listing
 
     def has(self, key: keys.ArtefactKey) -> bool:
         return key.key in self.uploaded

@@ -15,6 +15,7 @@ from replicator.config import (
     Config,
     ConfigError,
     DbConfig,
+    DirConfig,
     ReplicaConfig,
     adhoc_config,
     default_shadow_dir,
@@ -1097,7 +1098,10 @@ def test_dataclass_field_names_are_the_contract():
         "truncate_page_count", "monitor_interval", "sync_interval", "shadow_max_bytes", "shutdown_timeout",
         "data_loss_window_threshold", "verify_interval", "restore_if_db_not_exists",
     ]
-    assert [f.name for f in dataclasses.fields(Config)] == ["dbs", "log_level", "log_format", "source", "warnings", "metrics_addr"]
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "dbs", "log_level", "log_format", "source", "warnings", "metrics_addr", "dirs",
+    ]
+    assert [f.name for f in dataclasses.fields(DirConfig)] == ["dir", "pattern", "recursive", "watch", "template"]
 
 
 def test_operations_keys():

@@ -232,3 +232,33 @@ def test_demo_replicates_and_restores(tmp_path):
     assert "shipped snapshot txid 0" in p.stdout and "shipped segment txids" in p.stdout
     assert p.stdout.strip().splitlines()[-1].endswith(": OK")
     assert "Traceback" not in p.stderr
+
+
+def test_a_replica_added_to_a_running_generation_gets_a_snapshot(tmp_path):
+    db = tmp_path / "app.db"
+    write(db, [["schema"], ["insert", 30, 200]])
+    one = tmp_path / "one"
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{one}")
+    log = tmp_path / "agent.log"
+    with AgentProcess("-c", str(cfg), log=log) as agent:
+        write(db, [["insert", 10, 200]])
+        wait_for(lambda: has_snapshot(one), what="a snapshot")
+        assert agent.stop() == 0
+    # a restart with the same replicas owes nobody a snapshot
+    with AgentProcess("-c", str(cfg), log=log) as agent:
+        write(db, [["insert", 5, 200]])
+        assert agent.stop() == 0
+    assert "has no snapshot of the current generation" not in log.read_text()
+    # a second replica joins the same generation
+    two = tmp_path / "two"
+    cfg.write_text(cfg.read_text() + f"      - name: two\n        url: file://{two}\n")
+    with AgentProcess("-c", str(cfg), log=log) as agent:
+        write(db, [["insert", 5, 200]])
+        wait_for(lambda: has_snapshot(two), what="a snapshot on the new replica")
+        assert agent.stop() == 0
+    assert log.read_text().count("has no snapshot of the current generation") == 1
+    checkpoint(db)
+    out = tmp_path / "from-two.db"
+    cli("restore", "-o", str(out), f"file://{two}", check=True)
+    assert integrity(out) == "ok"
+    assert_same_pages(out, db)

@@ -187,3 +187,27 @@ def test_restore_if_db_not_exists_refuses_to_start_fresh_when_a_replica_is_unrea
         write(db, [["schema"], ["insert", 5, 100]])
         wait_for(lambda: has_snapshot(tmp_path / "one"), what="the new database replicated")
         assert agent.stop() == 0
+
+
+def test_restore_if_db_not_exists_refuses_to_start_fresh_over_a_broken_replica(tmp_path):
+    db = tmp_path / "app.db"
+    write(db, [["schema"]])
+    cfg = _config(tmp_path, db, extra="    snapshot-interval: 0s\n")
+    with AgentProcess("-c", str(cfg)) as agent:
+        for _ in range(3):
+            write(db, [["insert", 5, 300]])
+            time.sleep(0.1)
+        wait_for(lambda: cli("verify", "-c", str(cfg), "--wait", "0", str(db)).returncode == 0, timeout=30, what="replicas caught up")
+        assert agent.stop() == 0
+    for replica in ("one", "two"):  # a hole in the middle of both chains
+        segs = sorted(k for k in replica_keys(tmp_path / replica) if k.endswith(".segment"))
+        assert len(segs) >= 3
+        (tmp_path / replica / segs[1]).unlink()
+    for p in tmp_path.glob("app.db*"):
+        p.unlink()
+    p = cli("replicate", "-c", str(cfg), "--restore-if-db-not-exists", timeout=120)
+    assert p.returncode == 1 and "does not exist and cannot be restored" in p.stderr
+    assert "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]  # the error; the lines before are warning logs per replica
+    assert last.startswith("replicator: ") and "does not exist and cannot be restored" in last
+    assert not db.exists()
