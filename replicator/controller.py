@@ -54,6 +54,8 @@ class DatabaseReplicator:
         self._local_bytes: dict[str, int] = {}  # key -> size of what the shadow log holds
         self.shadow_full = False
         self._wake = threading.Event()
+        self._woken = False  # the last wait ended with a change event
+        self.events = False  # change events wake this database (set by the agent)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -153,13 +155,28 @@ class DatabaseReplicator:
             s.driver.close()
         return ok
 
+    IDLE_POLL_FACTOR = 8  # with change events, an idle database's safety poll backs off to 8x
+
+    def _safety_poll(self, idle_steps: int) -> float:
+        """Seconds to wait for a change event before stepping anyway. With working change
+        events the poll is only a safety net: it doubles while nothing changes, from
+        monitor-interval up to IDLE_POLL_FACTOR times it, so hundreds of idle databases
+        cost almost nothing; any event or capture resets it."""
+        base = self.cfg.monitor_interval
+        if not self.events or idle_steps <= 0:
+            return base
+        return min(base * self.IDLE_POLL_FACTOR, base * (2 ** min(idle_steps, 10)))
+
     def _run(self) -> None:
         backoff = 0.0
+        idle_steps = 0
         while True:
             stopping = self._stop.is_set()
             try:
+                captured = 0
                 if self._has_room():
-                    self.capture.step()
+                    captured = self.capture.step()
+                idle_steps = 0 if captured or self._woken else idle_steps + 1
                 if not stopping and not self.shadow_full:
                     self.capture.maybe_checkpoint()
                     self.capture.maybe_snapshot()
@@ -179,7 +196,7 @@ class DatabaseReplicator:
             if stopping:
                 return
             stepped = time.monotonic()
-            self._wake.wait(backoff or self.cfg.monitor_interval)
+            self._woken = self._wake.wait(backoff or self._safety_poll(idle_steps))
             self._wake.clear()
             # coalesce: a commit after a quiet spell is captured at once, but under load
             # capture steps (and so segments) are at least sync-interval apart
@@ -327,6 +344,7 @@ class Agent:
     def _watch_database(self, d: DatabaseReplicator) -> None:
         try:
             self._events.add(str(d.cfg.path))
+            d.events = True
         except OSError as e:
             d.log.warning(
                 "no change events for this database; capture relies on its poll every monitor-interval",

@@ -262,3 +262,15 @@ def test_a_replica_added_to_a_running_generation_gets_a_snapshot(tmp_path):
     cli("restore", "-o", str(out), f"file://{two}", check=True)
     assert integrity(out) == "ok"
     assert_same_pages(out, db)
+
+
+def test_idle_safety_poll_backs_off_only_with_change_events():
+    from types import SimpleNamespace
+
+    from replicator.controller import DatabaseReplicator
+
+    d = SimpleNamespace(cfg=SimpleNamespace(monitor_interval=1.0), events=True, IDLE_POLL_FACTOR=8)
+    poll = lambda idle: DatabaseReplicator._safety_poll(d, idle)  # noqa: E731
+    assert [poll(i) for i in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    d.events = False  # no change events (e.g. a directory inotify cannot watch): poll at monitor-interval
+    assert [poll(i) for i in range(4)] == [1.0, 1.0, 1.0, 1.0]
