@@ -1,7 +1,8 @@
 """replicas: storage drivers for replicator. Bytes in, bytes out; nothing about SQLite.
 
 Open a driver with open_driver(url, **options); every driver implements Driver and
-raises only StorageError subclasses. Wrap one in RetryingDriver to retry Transient errors.
+raises only StorageError subclasses. Wrap one in TimeoutDriver to bound operations that
+make no progress, and in RetryingDriver to retry Transient errors.
 """
 
 from . import mem
@@ -21,6 +22,7 @@ from .keys import validate_key, validate_prefix
 from .mem import MemDriver
 from .registry import open_driver, redact_url, register, schemes
 from .retry import RetryingDriver
+from .timeout import TimeoutDriver
 
 register("file", FileDriver.from_url)
 register("mem", MemDriver.from_url)
@@ -55,6 +57,7 @@ __all__ = [
     "PreconditionFailed",
     "RetryingDriver",
     "StorageError",
+    "TimeoutDriver",
     "Transient",
     "mem",
     "open_driver",

@@ -93,6 +93,14 @@ class Driver(abc.ABC):
     def close(self) -> None:
         """Release connections and other resources; the driver is not used afterwards."""
 
+    def reset(self) -> None:
+        """Drop every connection now, so that calls blocked on them fail promptly (Transient).
+
+        Called from another thread (by TimeoutDriver, when an operation made no progress
+        for too long). The driver stays usable: the next operation connects again. Drivers
+        without connections need not implement it.
+        """
+
     def __enter__(self) -> Driver:
         return self
 
@@ -121,19 +129,22 @@ def iter_chunks(
     key: str,
     size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> Iterator[bytes | memoryview]:
     """Yield data in pieces of at most CHUNK_SIZE, calling progress with the running total.
 
     Raises IntegrityError (after the last chunk) when size is given and data is shorter
-    or longer, so a driver can discard what it wrote.
+    or longer, so a driver can discard what it wrote. `start` resumes a transfer: that
+    many bytes were sent already, so bytes data is yielded from there, a stream (which the
+    caller positioned) is read from where it is, and totals and size checks count them.
     """
-    total = 0
+    total = start
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
         if size is not None and size != len(view):
             raise IntegrityError(f"put {key!r}: size={size} but data has {len(view)} bytes", key=key)
-        for start in range(0, len(view), CHUNK_SIZE):
-            chunk = view[start : start + CHUNK_SIZE]
+        for begin in range(start, len(view), CHUNK_SIZE):
+            chunk = view[begin : begin + CHUNK_SIZE]
             yield chunk
             total += len(chunk)
             if progress:

@@ -97,3 +97,6 @@ class MetricsDriver(Driver):
 
     def close(self) -> None:
         self.inner.close()
+
+    def reset(self) -> None:
+        self.inner.reset()

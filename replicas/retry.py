@@ -21,7 +21,8 @@ class RetryingDriver(Driver):
     The wait before retry n (n = 1, 2, ...) is uniform in [0, min(max_delay,
     base_delay * 2**(n-1))]. Other errors pass through at once. A put from a stream is
     retried only if the stream is seekable (it is rewound first). get retries opening the
-    stream, not reading it; list resumes after the last key it yielded.
+    stream, not reading it (the s3 and sftp drivers resume a read cut short themselves, see
+    resume.py); list resumes after the last key it yielded.
     """
 
     def __init__(
@@ -86,6 +87,9 @@ class RetryingDriver(Driver):
 
     def close(self) -> None:
         self.inner.close()
+
+    def reset(self) -> None:
+        self.inner.reset()
 
     def _call(
         self,

@@ -11,13 +11,23 @@ FACTORIES = [("sftp", factory)] plugs the driver into the conformance suite; fac
 returns a driver rooted at a fresh remote directory (the remote side is this machine, so the
 remote root is simply a local path below tmp_path). server() returns the running singleton;
 stop(), restart(), freeze() and thaw() are for fault tests.
+
+Password logins need a real account with a password: password_account() creates (once,
+idempotently) the local account PASSWORD_USER, a system user without a home or a login
+shell, gives it a fresh random password for the duration of a `with` block and locks the
+password again afterwards (root only). SSHServer(password_users=(name,)) is an extra server
+that accepts those users with a password and nothing else (`Match User` with
+AuthenticationMethods password), everyone else as the shared server does minus passwords.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself, so it needs an absolute path
@@ -46,7 +57,12 @@ def available() -> str | None:
 class SSHServer:
     """One sshd process with its own keys, config and known_hosts in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, password_users: Sequence[str] = (), log_level: str = "ERROR") -> None:
+        """password_users: accounts that log in with a password, and only with one (the
+        others then get no password authentication at all); log_level: sshd's LogLevel
+        (INFO logs every accepted or failed authentication to self.log)."""
+        self.password_users = tuple(password_users)
+        self.log_level = log_level
         self.dir = Path(tempfile.mkdtemp(prefix="replicator-sshd-"))
         self.user = pwd.getpwuid(os.geteuid()).pw_name  # sshd logs in the account we run as
         self.port = 0
@@ -135,15 +151,23 @@ class SSHServer:
             f"PidFile {self.dir / 'sshd.pid'}",
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
             "PubkeyAuthentication yes",
-            "PasswordAuthentication yes",
+            # The shared server takes passwords but none works (see the module docstring);
+            # a server with password_users takes them from those users only.
+            f"PasswordAuthentication {'no' if self.password_users else 'yes'}",
             "KbdInteractiveAuthentication no",
             "PermitRootLogin prohibit-password",
             "StrictModes no",
-            "UsePAM no",
+            "UsePAM no",  # passwords are checked against /etc/shadow
             "UseDNS no",
             "Subsystem sftp internal-sftp",
-            "LogLevel ERROR",
+            f"LogLevel {self.log_level}",
         ]
+        if self.password_users:  # Match blocks come last: they run to the end of the file
+            lines += [
+                f"Match User {','.join(self.password_users)}",
+                "    PasswordAuthentication yes",
+                "    AuthenticationMethods password",
+            ]
         self.config.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
@@ -265,6 +289,106 @@ def stop() -> None:
 
 def restart() -> None:
     server().restart()
+
+
+# --- a local account that logs in with a password --------------------------------------------
+
+PASSWORD_USER = "replicator-sftp-test"
+_ACCOUNT_LOCK = Path(tempfile.gettempdir()) / "replicator-sftp-password-account.lock"
+_ACCOUNT_LOCK_TIMEOUT = 300.0  # seconds another test session may hold the account
+
+
+@contextlib.contextmanager
+def password_account(name: str = PASSWORD_USER) -> Iterator[tuple[str, str]]:
+    """(name, password): the local account `name`, created if missing, with a fresh random
+    password until the block ends; then its password is locked again.
+
+    Needs root (useradd, chpasswd) and raises RuntimeError saying so otherwise. Test
+    sessions running at the same time take turns (a lock file), so none resets the
+    password under another.
+    """
+    if os.geteuid() != 0:
+        raise RuntimeError(
+            f"password login tests need the local account {name!r} with a password set by the tests,"
+            f" which takes root (useradd, chpasswd); running as uid {os.geteuid()}: run the tests as root"
+        )
+    for tool in ("useradd", "chpasswd", "usermod"):
+        if shutil.which(tool) is None and not os.access(f"/usr/sbin/{tool}", os.X_OK):
+            raise RuntimeError(f"{tool} not installed (Debian package passwd): cannot set up the account {name!r}")
+    fd = os.open(_ACCOUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + _ACCOUNT_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"another test session has held {_ACCOUNT_LOCK} for {_ACCOUNT_LOCK_TIMEOUT:g}s"
+                    ) from None
+                time.sleep(0.2)
+        _ensure_account(name)
+        password = secrets.token_urlsafe(24)
+        _run_admin(["chpasswd"], f"{name}:{password}\n")  # on stdin: never on a command line
+        try:
+            yield name, password
+        finally:
+            _run_admin(["usermod", "--lock", name])  # no known password outlives the tests
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _ensure_account(name: str) -> None:
+    """Create the system account `name` (no home directory, no login shell) unless it exists."""
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    nologin = next(
+        (p for p in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false") if os.access(p, os.X_OK)), "/bin/false"
+    )
+    result = subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            nologin,
+            "--comment",
+            "replicator sftp password-login tests",
+            name,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        pwd.getpwnam(name)  # also fine if a concurrent useradd won the race
+    except KeyError:
+        raise RuntimeError(f"useradd {name} failed ({result.returncode}): {result.stderr.strip()}") from None
+
+
+def _run_admin(command: list[str], stdin: str | None = None) -> None:
+    result = subprocess.run(command, check=False, input=stdin, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:  # the command line holds no secret; stdin is not shown
+        raise RuntimeError(
+            f"{command[0]} {' '.join(command[1:])} failed ({result.returncode}): {result.stderr.strip()}"
+        )
+
+
+def directory_owned_by(name: str) -> Path:
+    """A fresh directory below the system temp dir owned by the account `name` (mode 0700),
+    for a remote root that account can write. The caller removes it."""
+    entry = pwd.getpwnam(name)
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
 
 
 def _sftp_driver(tmp_path: Path):

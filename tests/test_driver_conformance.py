@@ -57,11 +57,18 @@ def _metrics_file_driver(tmp_path: Path) -> Driver:
     return MetricsDriver(_file_driver(tmp_path), db="conformance", replica="metrics+file")
 
 
+def _timeout_file_driver(tmp_path: Path) -> Driver:
+    from replicas.timeout import TimeoutDriver
+
+    return TimeoutDriver(_file_driver(tmp_path), op_timeout=30)
+
+
 DRIVER_FACTORIES: list[tuple[str, Callable[[Path], Driver]]] = [
     ("file", _file_driver),
     ("mem", _mem_driver),
     ("retry+file", _retrying_file_driver),
     ("metrics+file", _metrics_file_driver),
+    ("timeout+file", _timeout_file_driver),
 ]
 
 from remote_servers import REMOTE_FACTORIES  # noqa: E402
