@@ -66,6 +66,7 @@ class ReplicaConfig:
     retention: float
     retention_check_interval: float
     sync_interval: float
+    op_timeout: float = 60.0  # seconds without progress before an operation fails (Transient)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ _TOP_KEYS = ("dbs", *_DB_SPECS, *_GLOBAL_SPECS)
 _DB_KEYS = ("path", "shadow-dir", "replicas", *_DB_SPECS)
 _DIR_ONLY_KEYS = ("dir", "pattern", "recursive", "watch")
 _DIR_KEYS = (*_DIR_ONLY_KEYS, "replicas", *_DB_SPECS)
-_REPLICA_KEYS = ("name", "url", *_REPLICA_OVERRIDES)
+_REPLICA_KEYS = ("name", "url", "op-timeout", *_REPLICA_OVERRIDES)
+DEFAULT_OP_TIMEOUT = 60.0  # seconds without progress before a storage operation is abandoned
 
 _STR = _Spec("str")
 _SECRET = _Spec("str", secret=True)
@@ -646,6 +648,9 @@ def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, An
         else:
             overrides[key] = _convert(ctx, f"{path}.{key}", value, _DB_SPECS[key])
 
+    op_timeout = _value(ctx, f"{path}.op-timeout", raw, "op-timeout")
+    op_timeout = DEFAULT_OP_TIMEOUT if op_timeout is _MISSING else _convert(ctx, f"{path}.op-timeout", op_timeout, _DURATION_POS)
+
     options: dict[str, Any] = {}
     for key, spec in option_specs.items():
         value = _value(ctx, f"{path}.{key}", raw, key)
@@ -668,6 +673,7 @@ def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, An
         retention=overrides["retention"],
         retention_check_interval=overrides["retention-check-interval"],
         sync_interval=overrides["sync-interval"],
+        op_timeout=op_timeout,
     )
 
 

@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
-from replicas import RetryingDriver, open_driver
+from replicas import RetryingDriver, TimeoutDriver, open_driver
 from replicas.metrics import MetricsDriver
 from replicator import keys, logs, metrics
 from replicator.artefact import ArtefactHeader
@@ -20,8 +20,10 @@ from replicator.wal_events import ChangeEvents
 
 
 def open_replica(rc: ReplicaConfig, db: str = ""):
-    """The driver for a configured replica: retries around per-attempt metrics."""
-    return RetryingDriver(MetricsDriver(open_driver(rc.url, **dict(rc.options)), db=db, replica=rc.name), attempts=3)
+    """The driver for a configured replica: retries around per-attempt metrics around a
+    deadline on progress (op-timeout), all wrappers around the backend's driver."""
+    driver = TimeoutDriver(open_driver(rc.url, **dict(rc.options)), op_timeout=rc.op_timeout)
+    return RetryingDriver(MetricsDriver(driver, db=db, replica=rc.name), attempts=3)
 
 
 class DatabaseReplicator:

@@ -1090,7 +1090,7 @@ def test_find_db_missing_in_adhoc_config():
 
 def test_dataclass_field_names_are_the_contract():
     assert [f.name for f in dataclasses.fields(ReplicaConfig)] == [
-        "name", "url", "scheme", "options", "retention", "retention_check_interval", "sync_interval",
+        "name", "url", "scheme", "options", "retention", "retention_check_interval", "sync_interval", "op_timeout",
     ]
     assert [f.name for f in dataclasses.fields(DbConfig)] == [
         "path", "shadow_dir", "replicas", "snapshot_interval", "retention", "retention_check_interval",
@@ -1136,3 +1136,10 @@ def test_docs_examples_parse():
     assert [db.path for db in full.dbs] == [Path("/data/app.db"), Path("/data/analytics.db")]
     assert [r.name for r in full.dbs[0].replicas] == ["local", "offsite"]
     assert [r.scheme for r in full.dbs[1].replicas] == ["sftp", "nats"]
+
+
+def test_replica_op_timeout():
+    assert parse(minimal()).dbs[0].replicas[0].op_timeout == 60.0
+    assert parse(minimal(extra_replica="        op-timeout: 5s\n")).dbs[0].replicas[0].op_timeout == 5.0
+    with pytest.raises(ConfigError, match=r"replicas\[0\]\.op-timeout: must be greater than 0"):
+        parse(minimal(extra_replica="        op-timeout: 0s\n"))
