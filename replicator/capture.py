@@ -34,11 +34,11 @@ from replicator.walindex import WalIndexHeader
 from replicator.walreader import (
     ChainPos,
     FrameInfo,
+    PageReader,
     WalError,
     WalHeader,
     frame_offset,
     parse_wal_header,
-    read_page,
     scan_frames,
 )
 
@@ -394,13 +394,18 @@ class Capture:
                 return changes[p]
             return hashes.get(p) if p <= db_pages else 0
 
+        # every frame of txns was validated before this call, so a read-ahead window over
+        # them reads stable bytes; it lives only for this segment
+        reader = PageReader(fd, ps, last=txns[-1].commit.index)
         for t in txns:
             txid += 1
             pgnos = sorted(t.pages)
             keep = len(pgnos) <= KEEP_PAGES_IN_MEMORY
             kept = []
+            frames = t.pages.values()
+            reader.cover(min(frames), t.commit.index)
             for pgno in pgnos:
-                data = read_page(fd, ps, t.pages[pgno])
+                data = reader.page(t.pages[pgno])
                 h = page_hash(pgno, data)
                 cks ^= old_hash(pgno) ^ h
                 changes[pgno] = h
@@ -408,7 +413,7 @@ class Capture:
                     kept.append((pgno, data))
             # a large transaction is read twice (the second time from the page cache)
             # rather than held in memory while its segment is encoded
-            page_list = kept if keep else ((p, read_page(fd, ps, t.pages[p])) for p in pgnos)
+            page_list = kept if keep else ((p, reader.page(t.pages[p])) for p in pgnos)
             new_size = t.commit.commit
             if new_size < db_pages:
                 for p in range(new_size + 1, db_pages + 1):

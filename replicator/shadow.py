@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +67,21 @@ class CaptureState:
     wal: WalPosition | None
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["version"] = STATE_VERSION
-        return d
+        # by hand: dataclasses.asdict deep-copies recursively, and this runs every segment
+        w = self.wal
+        return {
+            "generation": self.generation,
+            "txid": self.txid,
+            "page_size": self.page_size,
+            "db_pages": self.db_pages,
+            "db_checksum": self.db_checksum,
+            "commit_time": self.commit_time,
+            "wal": None if w is None else {
+                "salt1": w.salt1, "salt2": w.salt2, "index": w.index, "checksum1": w.checksum1,
+                "checksum2": w.checksum2, "big_endian": w.big_endian, "page_size": w.page_size, "change": w.change,
+            },
+            "version": STATE_VERSION,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "CaptureState":

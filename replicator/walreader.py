@@ -39,6 +39,7 @@ import numpy as np
 __all__ = [
     "WAL_HEADER_SIZE",
     "FRAME_HEADER_SIZE",
+    "PageReader",
     "WAL_VERSION",
     "WAL_MAGIC_LE",
     "WAL_MAGIC_BE",
@@ -358,6 +359,45 @@ def read_page(fd: int, page_size: int, index: int) -> bytes:
     if len(data) != page_size:
         raise WalError(f"short read of frame {index}: got {len(data)} of {page_size} page bytes")
     return data
+
+
+class PageReader:
+    """Page data of WAL frames through a read-ahead window: one pread for many frames.
+
+    Capture reads the pages of a transaction's frames, which lie together in the WAL;
+    `cover(lo, hi)` loads frames lo..hi (and what follows, up to window_bytes) in one
+    read, so a busy writer's many small transactions cost a few reads per segment instead
+    of one per page. Frames outside the window are read one by one.
+    """
+
+    def __init__(self, fd: int, page_size: int, last: int, window_bytes: int = 4 << 20):
+        self.fd = fd
+        self.last = last  # the last frame that will be asked for: never read past it
+        self.page_size = page_size
+        self.frame_size = page_size + FRAME_HEADER_SIZE
+        self.window_frames = max(1, window_bytes // self.frame_size)
+        self._first = 0  # frame index of the window's first frame (0: no window)
+        self._buf = b""
+        self._count = 0
+
+    def cover(self, lo: int, hi: int) -> None:
+        """Make frames lo..hi readable from memory when they fit in one window."""
+        if self._first and lo >= self._first and hi < self._first + self._count:
+            return
+        if hi - lo + 1 > self.window_frames:
+            return  # too large: page() reads frame by frame
+        count = min(self.window_frames, self.last - lo + 1)
+        self._buf = os.pread(self.fd, count * self.frame_size, frame_offset(lo, self.page_size))
+        self._first = lo
+        self._count = len(self._buf) // self.frame_size
+
+    def page(self, index: int) -> bytes:
+        """The page data of frame index (1-based); WalError if the file is short."""
+        i = index - self._first
+        if self._first and 0 <= i < self._count:
+            start = i * self.frame_size + FRAME_HEADER_SIZE
+            return self._buf[start : start + self.page_size]
+        return read_page(self.fd, self.page_size, index)
 
 
 class WalFile:
