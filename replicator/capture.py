@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from replicator import db_image, keys, metrics
+from replicator import db_image, failpoints, keys, metrics
 from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
 from replicator.progress import console as console_progress
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
@@ -61,6 +61,14 @@ class Txn:
 
     pages: dict[int, int]
     commit: FrameInfo
+
+
+def _failing(sink):
+    """sink, with the snapshot failpoint before each chunk (crash-torture tests)."""
+    def write(data):
+        failpoints.hit("snapshot")
+        return sink(data)
+    return write
 
 
 def group_transactions(frames: list[FrameInfo]) -> tuple[list[Txn], FrameInfo | None]:
@@ -345,6 +353,7 @@ class Capture:
             self.log.warning("commit count does not match the WAL index", read=len(txns), counted=(view.change - pos.change) & _MASK32)
             self.start_generation("commit-count-mismatch")
             return 0
+        failpoints.hit("wal-read")
         if not self._emit(txns, fd, header, self._still_valid((pos.salt1, pos.salt2))):
             view = self.sql.index.read()
             if view is not None and self.state is not None and self.state.wal is not None and view.salts != (self.state.wal.salt1, self.state.wal.salt2):
@@ -447,6 +456,7 @@ class Capture:
             change=((state.wal.change if state.wal else 0) + len(txns)) & _MASK32,
         )
         self.state = replace(state, txid=txid, db_pages=db_pages, db_checksum=cks, commit_time=now, wal=wal)
+        failpoints.hit("state-save")
         self.shadow.save_state(self.state)
         hashes.update(changes, db_pages)
         hashes.set_position(state.generation, txid)
@@ -624,6 +634,7 @@ class Capture:
                 if view is not None and pos is not None and view.salts == (pos.salt1, pos.salt2) and view.mx_frame > pos.index:
                     self._capture_to(view)
             result = self.sql.checkpoint(mode)
+            failpoints.hit("checkpoint")
         finally:
             self.sql.release_write_lock()
             outcome = "error" if result is None else "busy" if result.busy else "ok"
@@ -683,7 +694,7 @@ class Capture:
             )
             try:
                 with console_progress(f"snapshot of {self.cfg.path}", db_pages * page_size) as bar:
-                    hashes = self._read_image(page_size, db_pages, overlay, writer.write, bar.advance)
+                    hashes = self._read_image(page_size, db_pages, overlay, _failing(writer.write), bar.advance)
                 if not self.sql.pinned:
                     after = self.sql.index.read()
                     if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
@@ -748,7 +759,7 @@ class Capture:
                 state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
             )
             with console_progress(f"snapshot of {self.cfg.path}", state.db_pages * state.page_size) as bar:
-                hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), writer.write, bar.advance)
+                hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), _failing(writer.write), bar.advance)
             if not self.sql.pinned:
                 after = self.sql.index.read()
                 if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replicator import keys
+from replicator import failpoints, keys
 from replicator.artefact import EncodedArtefact
 from replicator.fsutil import fsync_dir
 
@@ -338,6 +338,7 @@ class _FdWriter:
         total = len(view)
         while view:
             n = os.write(self.fd, view)
+            failpoints.hit("segment-write")  # a torn artefact (crash-torture tests)
             view = view[n:]
         return total
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from replicas import Driver, StorageError
-from replicator import keys, metrics
+from replicator import failpoints, keys, metrics
 from replicator.artefact import ArtefactError, read_header
 from replicator.progress import MiB, Progress
 from replicator.progress import console as console_progress
@@ -208,10 +208,14 @@ class ReplicaShipper:
         started = time.monotonic()
         bar = self._catchup
         base = bar.done if bar is not None else 0
-        moving = {"progress": lambda sent: bar.update(base + sent)} if bar is not None else {}
+        def moving(sent: int) -> None:
+            failpoints.hit("upload")  # mid-transfer (crash-torture tests)
+            if bar is not None:
+                bar.update(base + sent)
+
         try:
             with open(path, "rb") as f:
-                self.driver.put(item.key.key, f, size=item.size, **moving)
+                self.driver.put(item.key.key, f, size=item.size, progress=moving)
         except FileNotFoundError:
             self.log.error("shadow artefact vanished before upload", key=item.key.key)
             self._catchup_step(item, base)
@@ -228,6 +232,7 @@ class ReplicaShipper:
                 self.log.warning("upload failed; will retry", key=item.key.key, error=msg)
             self.last_error = msg
             return False
+        failpoints.hit("upload-recorded")  # on the replica, not yet recorded here
         now = self.clock()
         metrics.UPLOAD_SECONDS.labels(db=self.db, replica=self.name).observe(time.monotonic() - started)
         if self.last_error is not None:
@@ -290,6 +295,7 @@ class ReplicaShipper:
         listing = [k for k in (keys.parse_key(i.key) for i in self.driver.list(keys.GENERATIONS + "/")) if k is not None]
         decision = plan_retention(listing, now=self.clock() if now is None else now, retention=self.retention)
         for key in decision.delete:
+            failpoints.hit("prune")
             self.driver.delete(key.key)
             self.uploaded.discard(key.key)
             metrics.RETENTION_DELETIONS.labels(db=self.db, replica=self.name).inc()

@@ -65,8 +65,9 @@ def parse_commits(out: str) -> list[tuple[int, float]]:
 class AgentProcess:
     """`replicator replicate` as a real child process."""
 
-    def __init__(self, *args: str, log: Path | None = None):
+    def __init__(self, *args: str, log: Path | None = None, env_extra: dict | None = None):
         self.args = args
+        self.env_extra = env_extra or {}
         if log is None:
             import tempfile
 
@@ -84,7 +85,7 @@ class AgentProcess:
                 [sys.executable, "-m", "replicator", "replicate", "--log-format", "json", "--log-level", "debug", *self.args],
                 stdout=out,
                 stderr=out,
-                env=env(),
+                env={**env(), **self.env_extra},
                 cwd=ROOT,
             )
         wait_for(lambda: self._ready_lines() > before or self.proc.poll() is not None, timeout=ready_timeout, what="agent start")
