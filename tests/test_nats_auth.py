@@ -6,7 +6,8 @@ server lists one user's public key; an operator-mode server trusts a generated o
 with its system account and the accounts APP and OTHER (JetStream on) and NOJS (JetStream
 off) preloaded into a memory resolver; it logs at debug level, so its log says why it
 refused a login, or as whom it accepted one. Token and user/password logins are in
-test_nats_driver.py.
+test_nats_driver.py. A malformed seed or .creds file is BadURL when the driver is opened,
+and PermissionDenied (never a hang, nor Transient) when it went bad after that.
 """
 
 from __future__ import annotations
@@ -291,31 +292,165 @@ def test_account_without_jetstream_cannot_create_a_bucket(
     with pytest.raises(StorageError, match="JetStream not enabled for account") as caught:
         driver.put("k", b"v")
     assert "\n" not in str(caught.value) and "authorization failed" not in str(caught.value)
+    assert not isinstance(caught.value, Transient), caught.value  # a configuration state, not an outage
 
 
-# --- a known driver defect: remove the xfail once fixed -------------------------------------
+# --- malformed credential files ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="driver bug: a malformed nkey seed or .creds file surfaces as Transient (retried forever)"
-    " instead of BadURL at open or PermissionDenied",
-)
+def assert_secret_free(exc: BaseException, secrets: list[str], caplog: pytest.LogCaptureFixture) -> str:
+    """exc's message is one line and neither it, its chain nor the logs hold any of secrets."""
+    message = str(exc)
+    assert "\n" not in message and "\r" not in message
+    chain = [exc, exc.__cause__, exc.__context__]
+    for secret in secrets:
+        assert all(secret not in str(e) for e in chain if e is not None)
+        assert secret not in caplog.text
+    return message
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("option", ["nkey_path", "creds_path"])
 def test_malformed_credential_file_is_a_configuration_error(
-    op_srv: NatsServer, operator: Operator, drivers: list[NATSDriver], tmp_path: Path, option: str
+    op_srv: NatsServer,
+    operator: Operator,
+    tmp_path: Path,
+    option: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     path = tmp_path / "broken"
+    secrets = ["SUNOTAVALIDSEED"]
     if option == "nkey_path":
         path.write_text("SUNOTAVALIDSEED\n")
     else:
         jwt, _ = operator.user("APP")
         write_creds(path, jwt, "SUNOTAVALIDSEED")
+        secrets.append(jwt)
+    with pytest.raises(BadURL) as caught:  # refused when opened, before any connection
+        open_driver(op_srv.url(unique_bucket()), timeout=3, **{option: str(path)})
+    message = assert_secret_free(caught.value, secrets, caplog)
+    assert option in message and str(path) in message and "nkey seed" in message
+
+
+BEGIN_JWT, END_JWT = "-----BEGIN NATS USER JWT-----\n", "------END NATS USER JWT------\n"
+BEGIN_SEED, END_SEED = "-----BEGIN USER NKEY SEED-----\n", "------END USER NKEY SEED------\n"
+
+
+def broken_creds(case: str, jwt: str, seed: str) -> str:
+    """The contents of a .creds file that lacks a part or holds a broken one."""
+    return {
+        "seed block only": f"{BEGIN_SEED}{seed}\n{END_SEED}",
+        "seed block only, no newline at the end": f"{BEGIN_SEED}{seed}",
+        "empty JWT block": f"{BEGIN_JWT}{END_JWT}\n{BEGIN_SEED}{seed}\n{END_SEED}",
+        "JWT marker on the last line": f"{BEGIN_SEED}{seed}\n{END_SEED}\n{BEGIN_JWT}",
+        "JWT block only": f"{BEGIN_JWT}{jwt}\n{END_JWT}",
+        "empty seed block": f"{BEGIN_JWT}{jwt}\n{END_JWT}\n{BEGIN_SEED}{END_SEED}",
+        "public key for a seed": f"{BEGIN_JWT}{jwt}\n{END_JWT}\n{BEGIN_SEED}{new_nkey('user')[1]}\n{END_SEED}",
+        "empty file": "",
+    }[case]
+
+
+CASES = [
+    "seed block only",
+    "seed block only, no newline at the end",
+    "empty JWT block",
+    "JWT marker on the last line",
+    "JWT block only",
+    "empty seed block",
+    "public key for a seed",
+    "empty file",
+]
+
+
+@pytest.mark.timeout(30)  # nats-py's own .creds reader loops forever on a file without a JWT block
+@pytest.mark.parametrize("case", CASES)
+def test_incomplete_creds_file_is_refused_at_open(
+    operator: Operator, tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    jwt, seed = operator.user("APP")
+    path = tmp_path / "incomplete.creds"
+    path.write_text(broken_creds(case, jwt, seed))
+    with pytest.raises(BadURL) as caught:
+        open_driver(f"nats://127.0.0.1:1/{unique_bucket()}", creds_path=str(path))
+    message = assert_secret_free(caught.value, [seed, jwt], caplog)
+    assert "creds_path" in message and str(path) in message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("reopen", [False, True], ids=["before the first connection", "after a reset"])
+def test_creds_file_replaced_by_a_seed_only_file_is_refused_not_hung(
+    op_srv: NatsServer,
+    operator: Operator,
+    drivers: list[NATSDriver],
+    tmp_path: Path,
+    reopen: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    jwt, seed = operator.user("APP")
+    path = write_creds(tmp_path / "app.creds", jwt, seed)
+    driver = opened(drivers, op_srv.url(unique_bucket()), creds_path=str(path), timeout=3)
+    if reopen:
+        driver.put("k", b"v")  # logged in with the good file
+    path.write_text(broken_creds("seed block only", jwt, seed))  # e.g. a botched rotation
+    if reopen:
+        driver.reset()  # the next operation connects again, reading the file anew
+    began = time.monotonic()
+    with pytest.raises(PermissionDenied) as caught:
+        driver.head("k")
+    assert time.monotonic() - began < driver.timeout  # refused at once, not timed out
+    message = assert_secret_free(caught.value, [seed, jwt], caplog)
+    assert "creds_path" in message and str(path) in message and op_srv.host in message
+    driver.close()
+    assert not driver._thread.is_alive()  # the loop thread is not stuck in a parser
+    # the file put right works again (in a new driver: this one is closed)
+    write_creds(path, jwt, seed)
+    again = opened(drivers, op_srv.url(driver.bucket), creds_path=str(path), timeout=3)
+    assert [info.key for info in again.list()] == (["k"] if reopen else [])
+
+
+@pytest.mark.timeout(30)
+def test_nkey_file_replaced_by_a_malformed_one_is_refused(
+    nkey_srv: NatsServer,
+    nkey_user: tuple[str, str],
+    drivers: list[NATSDriver],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seed, _ = nkey_user
+    path = seed_file(tmp_path / "user.nk", seed)
+    driver = opened(drivers, nkey_srv.url(unique_bucket()), nkey_path=str(path), timeout=3)
+    path.write_text("SUNOTAVALIDSEED\n")
+    with pytest.raises(PermissionDenied) as caught:
+        driver.head("k")
+    message = assert_secret_free(caught.value, [seed, "SUNOTAVALIDSEED"], caplog)
+    assert "nkey_path" in message and str(path) in message
+
+
+@pytest.mark.timeout(60)
+def test_creds_file_broken_while_connected_is_refused_at_the_reconnect(
+    operator: Operator, drivers: list[NATSDriver], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nats-py reconnects by itself (here: after a server restart), reading the file anew
+    # each time: the operations waiting for that reconnect fail as PermissionDenied.
+    caplog.set_level(logging.DEBUG)
+    server = NatsServer(config=operator.config())
+    server.start()
     try:
-        driver = opened(drivers, op_srv.url(unique_bucket()), timeout=3, **{option: str(path)})
-    except BadURL as exc:  # refused when opened: the best answer
-        assert option in str(exc)
-        return
-    with pytest.raises(StorageError) as caught:
+        jwt, seed = operator.user("APP")
+        path = write_creds(tmp_path / "app.creds", jwt, seed)
+        driver = opened(drivers, server.url(unique_bucket()), creds_path=str(path), timeout=3)
         driver.put("k", b"v")
-    assert not isinstance(caught.value, Transient), caught.value
+        path.write_text(broken_creds("seed block only", jwt, seed))
+        server.restart()
+        with pytest.raises(PermissionDenied) as caught:
+            driver.head("k")
+        message = assert_secret_free(caught.value, [seed, jwt], caplog)
+        assert "creds_path" in message and str(path) in message
+        driver.close()
+        assert not driver._thread.is_alive()
+    finally:
+        server.cleanup()

@@ -3,7 +3,8 @@
 URL: `nats://[TOKEN@ | USER:PASSWORD@]HOST[:PORT][,HOST2[:PORT]...]/BUCKET[/PREFIX]`.
 Options (keywords or URL query): username, password, token, nkey_path, creds_path,
 tls_ca_path, skip_verify, max_bucket_bytes, timeout (seconds per request, default 10),
-create_bucket (default true), tls. The object name is PREFIX/ + key. TLS is required
+create_bucket (default true), tls. An nkey_path or creds_path file is checked when the
+driver is opened (a malformed one is BadURL). The object name is PREFIX/ + key. TLS is required
 (never downgraded, certificates verified unless skip_verify) with `tls=true`, a
 tls_ca_path, or a `tls://` URL given to NATSDriver.from_url; a server that demands TLS
 gets it in any case.
@@ -39,9 +40,10 @@ the `nats` CLI read what this driver writes. Behaviour on top of it:
   in the subjects, so the server cannot filter by prefix; memory grows with the number of
   matching objects), then filters, sorts, and yields; page_size is only validated.
 
-Modules: config (URL and options), loop (the event loop thread), connection (the client
-and the bucket), errors (mapping nats-py errors), store (metas, chunks, commits, deletes),
-download (get), listing (list), driver (NATSDriver).
+Modules: config (URL and options), credentials (nkey seed and .creds files), loop (the
+event loop thread), connection (the client and the bucket), errors (mapping nats-py
+errors), store (metas, chunks, commits, deletes), download (get), listing (list), driver
+(NATSDriver).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import BadURL, InvalidKey
 from ..keys import validate_key
 from ..registry import redact_url
+from .credentials import CredentialError, check_creds_file, check_nkey_file
 
 DEFAULT_PORT = 4222
 DEFAULT_TIMEOUT = 10.0
@@ -30,6 +31,7 @@ _OPTIONS = (
     "create_bucket",
     "tls",
 )
+_CHECKS: dict[str, Callable[[str], None]] = {"nkey_path": check_nkey_file, "creds_path": check_creds_file}
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def parse(url: str, options: dict[str, object]) -> Settings:
             path_value = _text(os.fspath(raw) if isinstance(raw, os.PathLike) else raw, option, shown)
             if not os.path.isfile(path_value):
                 raise BadURL(f"{option} {path_value!r} is not a readable file (for {shown})")
+            if option in _CHECKS:
+                _check_credentials(option, path_value, shown)
             settings[option] = path_value
     for option in ("skip_verify", "create_bucket", "tls"):
         if option in values:
@@ -136,6 +140,21 @@ def parse(url: str, options: dict[str, object]) -> Settings:
         raise BadURL(f"nats replica has a username but no password: {shown}")
     tls = settings.pop("tls", False) or scheme.lower() == "tls" or "tls_ca_path" in settings
     return Settings(servers=servers, bucket=bucket, prefix=prefix, tls=tls, **settings)
+
+
+def _check_credentials(option: str, path: str, shown: str) -> None:
+    """BadURL unless the nkey seed or .creds file at path is well formed (its contents never shown)."""
+    try:
+        import nkeys  # noqa: F401  (nkey and creds authentication need it)
+    except ImportError:
+        raise BadURL(f"nats option {option!r} needs the 'nkeys' package: pip install nkeys (for {shown})") from None
+    try:
+        _CHECKS[option](path)
+    except CredentialError as exc:
+        message = str(exc)
+    else:
+        return
+    raise BadURL(f"nats option {message} (for {shown})")
 
 
 def _server(part: str, shown: str) -> str:

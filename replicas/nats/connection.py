@@ -2,7 +2,10 @@
 
 nats-py reconnects by itself; a connection that was closed (by close() or reset()) is made
 again by the next operation. When TLS is required it is never downgraded: credentials are
-withheld from a server that did not negotiate TLS.
+withheld from a server that did not negotiate TLS. A .creds file is read (anew at each
+connect, boundedly) by the driver's own nats-py callbacks, not by nats-py's reader, which
+loops forever on a file without a JWT block; a credential file that went bad since the
+driver was opened is PermissionDenied.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import nats.js.errors
 from nats.js import api as js_api
 
 from ..errors import BadURL, NotFound, PermissionDenied, StorageError, Transient
+from . import credentials
 from .config import Settings
 from .errors import ERR_STREAM_NAME_IN_USE, describe
 
@@ -32,6 +36,28 @@ class _PlaintextRefused(nats.errors.Error):  # type: ignore[misc]
 
     A nats-py error, so nats-py treats it as a failed connection attempt (and reports it).
     """
+
+
+class _CredentialsUnusable(nats.errors.InvalidUserCredentialsError):  # type: ignore[misc]
+    """The .creds file cannot be used (changed since the driver was opened); says why, not what it holds.
+
+    A nats-py error, so nats-py treats it as a failed connection attempt (and reports it).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "nats: invalid user credentials"
+
+
+_CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.AuthorizationError,
+    nats.errors.InvalidUserCredentialsError,
+)
+try:
+    import nkeys as _nkeys
+
+    _CREDENTIAL_ERRORS += (_nkeys.NkeysError,)
+except ImportError:  # pragma: no cover (then nkey_path and creds_path are refused when opened)
+    pass
 
 
 class Connection:
@@ -106,12 +132,14 @@ class Connection:
             if nc.is_connected and "permissions violation" in text.lower():
                 self.denied = (time.monotonic(), text)
                 log.warning("%s: %s", self.url, text)
-            elif isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLCertVerificationError, _PlaintextRefused)) or (
+            elif isinstance(exc, (*_CREDENTIAL_ERRORS, ssl.SSLCertVerificationError, _PlaintextRefused)) or (
                 "authorization violation" in text.lower()
             ):
                 if not nc.is_connected:
                     fatal[:] = [exc]
                     failed.set()
+                    if established and isinstance(exc, _CredentialsUnusable):  # nats-py reconnecting, in vain
+                        self.denied = (time.monotonic(), f"cannot log in: {exc}")
                 log.warning("%s: %s", self.url, text)
             else:
                 log.debug("%s: nats: %s", self.url, text)
@@ -129,9 +157,9 @@ class Connection:
             auth["password"] = self._guarded(nc, self.settings.password or "")
         if self.settings.token is not None:
             auth["token"] = self._guarded(nc, self.settings.token)
-        if self.settings.creds_path:
-            auth["user_credentials"] = self.settings.creds_path
-        if self.settings.nkey_path:
+        if self.settings.creds_path:  # not user_credentials=: nats-py's reader can loop forever on a bad file
+            auth["user_jwt_cb"], auth["signature_cb"] = self._creds_callbacks(nc, self.settings.creds_path)
+        elif self.settings.nkey_path:  # (both: the .creds file wins, as in nats-py)
             auth["nkeys_seed"] = self.settings.nkey_path
         scheme = "tls" if self.settings.tls else "nats"
         connecting = asyncio.ensure_future(
@@ -167,6 +195,8 @@ class Connection:
             return nc
         if connecting.done() and connecting.exception() is not None:
             last[:] = [connecting.exception()]  # type: ignore[list-item]
+            if isinstance(last[0], _CREDENTIAL_ERRORS):  # e.g. the nkey seed file no longer holds a seed
+                fatal[:] = last
         connecting.cancel()
         with contextlib.suppress(BaseException):
             await connecting
@@ -180,6 +210,10 @@ class Connection:
                 )
             if isinstance(exc, _PlaintextRefused):
                 raise PermissionDenied(f"{self.url}: {servers} did not negotiate TLS; credentials withheld")
+            if isinstance(exc, _CredentialsUnusable):
+                raise PermissionDenied(f"{self.url}: cannot log in to {servers}: {exc}")
+            if not isinstance(exc, nats.errors.AuthorizationError) and isinstance(exc, _CREDENTIAL_ERRORS):
+                raise PermissionDenied(f"{self.url}: cannot log in to {servers}: {self._credential_problem(exc)}")
             raise PermissionDenied(f"{self.url}: authorization failed at {servers}")
         reason = self.scrub(describe(last[0])) if last else "no answer"
         raise Transient(f"{self.url}: cannot connect to {servers} within {self.timeout:g}s: {reason}")
@@ -193,6 +227,50 @@ class Connection:
             return secret
 
         return credential
+
+    def _creds_callbacks(self, nc: Any, path: str) -> tuple[Callable[[], bytes], Callable[[str], bytes]]:
+        """nats-py's user_jwt_cb and signature_cb for a .creds file, read anew (boundedly) at each connect.
+
+        Called synchronously on the loop by nats-py while it builds CONNECT; a file that cannot
+        be used raises _CredentialsUnusable, which nats-py reports as a failed attempt.
+        """
+
+        def load() -> bytes:
+            if self.settings.tls and not nc._server_info.get("tls_required"):
+                raise _PlaintextRefused("server did not negotiate TLS")
+            try:
+                return credentials.read_file(path, "creds_path")
+            except credentials.CredentialError as exc:
+                message = str(exc)
+            raise _CredentialsUnusable(message)
+
+        def user_jwt() -> bytes:
+            data = load()
+            try:
+                return credentials.user_jwt(data, path)
+            except credentials.CredentialError as exc:
+                message = str(exc)
+            raise _CredentialsUnusable(message)
+
+        def signature(nonce: str) -> bytes:
+            data = load()
+            try:
+                keypair = credentials.creds_keypair(data, path)
+            except credentials.CredentialError as exc:
+                message = str(exc)
+            else:
+                return credentials.sign(keypair, nonce)
+            raise _CredentialsUnusable(message)
+
+        return user_jwt, signature
+
+    def _credential_problem(self, exc: BaseException) -> str:
+        """Why nats-py could not use the nkey seed or .creds file, naming the option and the file."""
+        s = self.settings
+        option, path = ("creds_path", s.creds_path) if s.creds_path else ("nkey_path", s.nkey_path)
+        if isinstance(exc, nats.errors.InvalidUserCredentialsError):
+            return f"{option} file {path!r} holds no usable credentials"
+        return f"{option} file {path!r} does not hold a valid nkey seed ({type(exc).__name__})"
 
     async def _open_bucket(self) -> None:
         js = self.js

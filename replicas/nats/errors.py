@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 ERR_WRONG_LAST_SEQUENCE = 10071
 ERR_STREAM_NOT_FOUND = 10059
 ERR_STREAM_NAME_IN_USE = 10058
+ERR_JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
+ERR_JETSTREAM_NOT_ENABLED = 10076  # on the server
 _ERR_FULL = {10023, 10047, 10077}  # insufficient resources, store exceeded, maximum bytes exceeded
 _FULL_TEXTS = ("maximum bytes exceeded", "maximum messages exceeded", "insufficient resources")
 _TRANSIENT = (
@@ -67,6 +69,8 @@ def _api_error(conn: Connection, exc: nats.js.errors.APIError, what: str, detail
     code, err_code = exc.code or 0, exc.err_code or 0
     if err_code in _ERR_FULL or any(text in detail.lower() for text in _FULL_TEXTS):
         return StorageError(f"{what}: object store bucket {conn.bucket!r} is full ({detail})", key=key)
+    if err_code in (ERR_JETSTREAM_NOT_ENABLED_FOR_ACCOUNT, ERR_JETSTREAM_NOT_ENABLED):  # a 503, but no outage
+        return StorageError(f"{what}: JetStream is not enabled ({detail})", key=key)
     if isinstance(exc, nats.js.errors.ServiceUnavailableError) or code == 503:
         return Transient(f"{what}: JetStream not available ({detail})", key=key)
     if code in (401, 403) or "permission" in detail.lower() or "authoriz" in detail.lower():
