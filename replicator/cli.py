@@ -674,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     from replicator.restore_plan import PlanError
     from replicator.metrics_server import MetricsServerError
     from replicator.bootstrap import BootstrapError
+    from replicator.shadow import ShadowLocked
 
     level = args.log_level or os.environ.get("REPLICATOR_LOG_LEVEL") or "info"
     logs.configure(level, args.log_format or "auto")
@@ -685,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     except MetricsServerError as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (RestoreError, PlanError, StorageError, AgentUnreachable, BootstrapError) as e:
+    except (RestoreError, PlanError, StorageError, AgentUnreachable, BootstrapError, ShadowLocked) as e:
         print(f"replicator: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -153,6 +153,7 @@ class DatabaseReplicator:
             ok = s.stop(max(0.1, deadline - time.monotonic())) and ok
         self._cleanup()
         self.capture.close()
+        self.capture.shadow.release()
         for s in self.shippers:
             s.driver.close()
         return ok

@@ -18,6 +18,7 @@ segment in all.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -193,13 +194,20 @@ class PageHashes:
         self._pages = -1
 
 
+class ShadowLocked(Exception):
+    """Another agent holds the shadow directory; one line."""
+
+
 class ShadowLog:
-    """The local shadow directory of one database."""
+    """The local shadow directory of one database, locked (flock on <shadow>/lock) for as
+    long as this object lives: two agents replicating one database would interleave two
+    histories in one shadow log and on the replicas."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._lock()
         self.tmp.mkdir(exist_ok=True)
         for stale in self.tmp.iterdir():  # spools and scratch restores of a previous run
             if stale.is_dir() and not stale.is_symlink():
@@ -210,6 +218,29 @@ class ShadowLog:
         self._state_fd: int | None = None
         self._state_seq = 0
         self._dir_fds: dict[Path, int] = {}
+
+    def _lock(self) -> int:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ShadowLocked(
+                f"shadow directory {self.root} is in use by another replicator agent (pid {holder}): "
+                "run one agent per database, or give this one another shadow-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def release(self) -> None:
+        """Close the descriptors and give up the lock (the agent is done with this database)."""
+        self.close()
+        self.hashes.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- state --------------------------------------------------------------------------
     def load_state(self) -> CaptureState | None:

@@ -274,3 +274,17 @@ def test_idle_safety_poll_backs_off_only_with_change_events():
     assert [poll(i) for i in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     d.events = False  # no change events (e.g. a directory inotify cannot watch): poll at monitor-interval
     assert [poll(i) for i in range(4)] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_a_second_agent_on_the_same_database_is_refused(tmp_path):
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    with AgentProcess(str(db), f"file://{replica}") as agent:
+        p = cli("replicate", str(db), f"file://{tmp_path / 'other'}", timeout=60)
+        assert p.returncode == 1
+        assert f"is in use by another replicator agent (pid {agent.proc.pid})" in p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "other").exists()
+        write(db, [["insert", 5, 100]])  # the first agent is unharmed
+        assert agent.stop() == 0
+    restore_equals_source(tmp_path, replica, db)

@@ -20,7 +20,7 @@ def test_state_round_trips_and_the_newest_slot_wins(tmp_path):
     for txid in range(1, 6):
         log.save_state(_state(txid))
         assert log.load_state() == _state(txid)
-    log.close()
+    log.release()
     # a new ShadowLog (an agent restart) continues the sequence in the right slot
     again = ShadowLog(tmp_path / "s")
     assert again.load_state() == _state(5)
@@ -72,9 +72,21 @@ def test_artefact_directories_are_created_and_written_durably(tmp_path):
 
 def test_scratch_directories_left_in_tmp_by_a_killed_drill_are_cleared_at_start(tmp_path):
     root = tmp_path / "s"
-    ShadowLog(root).close()
+    ShadowLog(root).release()
     (root / "tmp" / "replicator-verify-x" / "sub").mkdir(parents=True)
     (root / "tmp" / "replicator-verify-x" / "sub" / "latest.db").write_bytes(b"x")
     (root / "tmp" / "spool-1").write_bytes(b"y")
-    ShadowLog(root).close()  # an agent start: no IsADirectoryError, nothing stale left
+    ShadowLog(root).release()  # an agent start: no IsADirectoryError, nothing stale left
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_one_agent_per_shadow_directory(tmp_path):
+    import pytest
+
+    from replicator.shadow import ShadowLocked
+
+    first = ShadowLog(tmp_path / "s")
+    with pytest.raises(ShadowLocked, match=r"in use by another replicator agent \(pid \d+\)"):
+        ShadowLog(tmp_path / "s")
+    first.release()
+    ShadowLog(tmp_path / "s").release()  # free again once released
