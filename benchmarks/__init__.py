@@ -1,0 +1,1 @@
+"""Benchmarks of replicator against Litestream (issue 5): see run.py."""
