@@ -617,7 +617,8 @@ class Capture:
 
         A PASSIVE checkpoint runs under a brief write-lock barrier (see
         SqliteAccess.hold_write_lock): capture first reads the last commits, so the WAL
-        restart that follows leaves no tail behind.
+        restart that follows leaves no tail behind. The bulk of the copy happens before
+        the barrier, while the app writes.
         """
         self.step()
         assert self.state is not None and self.state.wal is not None
@@ -625,6 +626,12 @@ class Capture:
         # barriers missed them and the WAL has grown well past its threshold, poll longer
         # (this waits for the lock, it does not hold it longer)
         patience = 0.25 if self.state.wal.index >= 4 * self.cfg.min_checkpoint_page_count else 0.05
+        if mode in ("PASSIVE", "TRUNCATE") and self.state.wal.index >= self.cfg.min_checkpoint_page_count:
+            # two phases: first backfill what is captured while the app keeps writing (the
+            # pin bounds it to our position), so the barrier (or TRUNCATE, which blocks
+            # writers while it runs) only holds writers for the frames committed since; one
+            # phase held them for the whole copy (seconds for a WAL of a few hundred MiB)
+            self.sql.checkpoint("PASSIVE")
         barrier = mode == "PASSIVE" and self.sql.hold_write_lock(patience)
         result = None
         try:
