@@ -8,10 +8,13 @@ docs/format.md; in short::
 A SNAPSHOT's body is the raw database image; a SEGMENT's body is, per transaction and
 page, a 4-byte big-endian page number followed by the page image. Writers and readers
 stream in large chunks, so memory stays bounded whatever the artefact size (invariant 7).
+With an encryption key, the compressed payload is then encrypted in AES-256-GCM chunks
+(replicator.encryption; format version 2, `enc` header key); without one, nothing changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -19,17 +22,20 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 import cbor2
 import xxhash
 import zstandard
 
-from replicator import keys
+from replicator import encryption, keys
+from replicator.encryption import EncryptionKey
 
 MAGIC = b"\x89RPL\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads
+PLAIN_VERSION = 1  # what writers write for an unencrypted artefact (readable by every reader)
+ENCRYPTED_VERSION = 2  # what writers write for an encrypted one (the `enc` key is required)
 PREFIX_SIZE = 12  # magic + header length
 CHECKSUM_SIZE = 8  # the header checksum after the CBOR header
 MAX_HEADER_LENGTH = 64 << 20
@@ -77,6 +83,26 @@ def db_checksum_of_image(image: bytes | bytearray | memoryview, page_size: int, 
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """The `enc` header key: how the payload is encrypted (docs/format.md, "Encryption")."""
+
+    kid: str  # key id: 16 hex digits, the first 8 bytes of SHA-256(key)
+    nonce: bytes  # 12-byte base nonce, random per artefact
+    chunk: int  # payload (compressed) bytes per sealed chunk
+    alg: str = encryption.ALG
+    # SHA-256 of the header map without plen/psum: bound into the last chunk (derived, not stored)
+    digest: bytes = field(default=b"", compare=False, repr=False)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"alg": self.alg, "kid": self.kid, "nonce": self.nonce, "chunk": self.chunk}
+
+
+def header_digest(m: dict) -> bytes:
+    """SHA-256 of the canonical CBOR of a header map without `plen` and `psum`."""
+    return hashlib.sha256(cbor2.dumps({k: v for k, v in m.items() if k not in ("plen", "psum")}, canonical=True)).digest()
+
+
+@dataclass(frozen=True)
 class TxnInfo:
     """One transaction in an artefact: where it leaves the database."""
 
@@ -103,7 +129,8 @@ class ArtefactHeader:
     payload_checksum: int
     raw_length: int
     txns: tuple[TxnInfo, ...]
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_VERSION
+    encryption: Encryption | None = None  # set for an encrypted artefact (format version 2)
 
     @property
     def db_checksum(self) -> int:
@@ -147,6 +174,7 @@ class ArtefactHeader:
             "psum": self.payload_checksum,
             "rlen": self.raw_length,
             "txns": [[t.txid, t.page_count, t.db_pages, float(t.commit_time), t.db_checksum] for t in self.txns],
+            **({"enc": self.encryption.to_map()} if self.encryption is not None else {}),
         }
 
     def encode(self, *, validate: bool = True) -> bytes:
@@ -250,8 +278,14 @@ def _header_from_map(m: Any) -> ArtefactHeader:
         expected_raw = sum(t.page_count for t in txns) * (PAGE_NUMBER_SIZE + psize)
     if rlen != expected_raw:
         raise ArtefactError(f"header field 'rlen' inconsistent: {rlen}, the txns need {expected_raw}")
-    if codec == "none" and plen != rlen:
-        raise ArtefactError("header field 'plen' inconsistent: codec 'none' stores the body as is")
+    enc = _encryption_from_map(m, version)
+    if enc is None:
+        if codec == "none" and plen != rlen:
+            raise ArtefactError("header field 'plen' inconsistent: codec 'none' stores the body as is")
+    elif not encryption.valid_stored_length(plen, enc.chunk) or (
+        codec == "none" and plen != encryption.stored_length(rlen, enc.chunk)
+    ):
+        raise ArtefactError("header field 'plen' inconsistent: not a whole sequence of encrypted chunks")
     return ArtefactHeader(
         kind=kind,
         generation=gen,
@@ -266,7 +300,43 @@ def _header_from_map(m: Any) -> ArtefactHeader:
         raw_length=rlen,
         txns=tuple(txns),
         format_version=version,
+        encryption=enc,
     )
+
+
+def _encryption_from_map(m: dict, version: int) -> Encryption | None:
+    """The `enc` key: required from version 2 on, refused before (an older reader would
+    ignore it and misread the payload)."""
+    raw = m.get("enc")
+    if raw is None:
+        if version >= ENCRYPTED_VERSION:
+            raise _malformed("enc")
+        return None
+    if version < ENCRYPTED_VERSION:
+        raise ArtefactError(f"header field 'enc' needs format version {ENCRYPTED_VERSION}, the header says {version}")
+    if not isinstance(raw, dict):
+        raise _malformed("enc")
+    alg = raw.get("alg")
+    if type(alg) is not str:
+        raise _malformed("enc")
+    if alg != encryption.ALG:
+        raise ArtefactError(f"unsupported encryption {alg[:32]!r}")
+    kid, nonce, chunk = raw.get("kid"), raw.get("nonce"), raw.get("chunk")
+    if (
+        type(kid) is not str
+        or len(kid) != 2 * encryption.KID_SIZE
+        or kid.strip("0123456789abcdef")
+        or type(nonce) is not bytes
+        or len(nonce) != encryption.NONCE_SIZE
+        or not _is_uint(chunk, encryption.MAX_CHUNK)
+        or chunk == 0
+    ):
+        raise _malformed("enc")
+    try:
+        digest = header_digest(m)
+    except Exception:  # a value cbor2 decoded but cannot encode again (an exotic tag)
+        raise ArtefactError("header is not valid CBOR") from None
+    return Encryption(kid=kid, nonce=nonce, chunk=chunk, alg=alg, digest=digest)
 
 
 def header_end(prefix: bytes | bytearray | memoryview) -> int:
@@ -376,22 +446,48 @@ class _PayloadSource:
         return self._hash.intdigest() == checksum
 
 
-def iter_body(f: BinaryIO, header: ArtefactHeader, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+def _opener(header: ArtefactHeader, key: EncryptionKey | None, source: _PayloadSource) -> encryption.Opener:
+    """The decrypting reader of an encrypted payload; a missing or different key is an error
+    before any payload byte is read."""
+    enc = header.encryption
+    assert enc is not None
+    if key is None:
+        raise ArtefactError(
+            f"artefact is encrypted (key id {enc.kid}): configure encryption-key-path "
+            "(or pass --encryption-key-path / set REPLICATOR_ENCRYPTION_KEY_PATH)"
+        )
+    if key.kid != enc.kid:
+        raise ArtefactError(f"encrypted: key id {enc.kid} does not match the configured key's id {key.kid}")
+    return encryption.Opener(
+        key, enc.nonce, enc.chunk, enc.digest, source.read, lambda: source.got >= source.length
+    )
+
+
+def iter_body(
+    f: BinaryIO, header: ArtefactHeader, *, chunk_size: int = 1 << 20, encryption_key: EncryptionKey | None = None
+) -> Iterator[bytes]:
     """Decode the payload that follows the header in f; yield raw body chunks (<= chunk_size).
 
     Chunks are yielded before the payload checksum can be known: the body is proven only
     when the iterator finishes without raising (length, checksum, trailing data, raw length).
+    An encrypted payload needs encryption_key (the key whose id the header names); each of
+    its chunks is authenticated before any of its bytes is yielded, and the last one binds
+    the header, so the header too is proven only at the end.
     """
     source = _PayloadSource(f, header.payload_length)
+    stored: Any = source  # where the codec reads its input: the stored bytes, or their plaintext
+    opener = None
+    if header.encryption is not None:
+        stored = opener = _opener(header, encryption_key, source)
     produced = 0
     problem = None
     if header.codec == "none":
-        while b := source.read(chunk_size):
+        while b := stored.read(chunk_size):
             produced += len(b)
             yield b
     else:
         reader = zstandard.ZstdDecompressor().stream_reader(
-            source, read_size=min(chunk_size, 1 << 20), read_across_frames=False, closefd=False
+            stored, read_size=min(chunk_size, 1 << 20), read_across_frames=False, closefd=False
         )
         while True:
             try:
@@ -405,12 +501,22 @@ def iter_body(f: BinaryIO, header: ArtefactHeader, *, chunk_size: int = 1 << 20)
             if produced > header.raw_length:
                 break  # never inflate a damaged payload past what the header allows
             yield b
+    if opener is not None and not opener.problem:
+        # authenticate every chunk, the last (which binds the header) included, even when
+        # the zstd frame ended early
+        extra = 0
+        while b := opener.read(_COPY_CHUNK):
+            extra += len(b)
+        if extra and not problem and produced <= header.raw_length:
+            problem = "corrupt zstd payload (data after the frame)"
     source.drain()  # the checksum covers every stored byte, even after a decoding error
     source.check_complete()
     if not source.matches(header.payload_checksum):
         raise ArtefactError("payload checksum mismatch")
     if f.read(1):
         raise ArtefactError("trailing data after payload")
+    if opener is not None and (opener.problem or not opener.finished):
+        raise ArtefactError(opener.problem or "authentication failed: damaged or tampered (the last chunk is missing)")
     if problem:
         raise ArtefactError(problem)
     if produced != header.raw_length:
@@ -471,7 +577,9 @@ def _segment_pages(header: ArtefactHeader, chunks: Iterator[bytes]) -> Iterator[
         raise ArtefactError(f"segment body does not match its header ({problem})")
 
 
-def iter_segment_pages(f: BinaryIO, header: ArtefactHeader) -> Iterator[tuple[TxnInfo, int, memoryview]]:
+def iter_segment_pages(
+    f: BinaryIO, header: ArtefactHeader, *, encryption_key: EncryptionKey | None = None
+) -> Iterator[tuple[TxnInfo, int, memoryview]]:
     """Yield (txn, page number, page bytes) for every page of a segment, in body order.
 
     The memoryviews are slices of immutable chunks (no copies) and stay valid. As with
@@ -481,7 +589,7 @@ def iter_segment_pages(f: BinaryIO, header: ArtefactHeader) -> Iterator[tuple[Tx
         raise ValueError(f"not a segment: {header.kind}")
     rec = PAGE_NUMBER_SIZE + header.page_size
     chunk = max(1, (1 << 20) // rec) * rec  # whole records per chunk: no straddling copies
-    return _segment_pages(header, iter_body(f, header, chunk_size=chunk))
+    return _segment_pages(header, iter_body(f, header, chunk_size=chunk, encryption_key=encryption_key))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -665,11 +773,17 @@ class _Writer:
         spool_dir: str | os.PathLike | None,
         spool_memory: int,
         threads: int = 0,
+        encryption_key: EncryptionKey | None = None,
+        encryption_chunk: int = encryption.DEFAULT_CHUNK,
     ):
         _check_common(generation, page_size, codec, level)
         self.generation, self.page_size, self.codec = generation, page_size, codec
         self.level = level if codec == "zstd" else 0
         self._spool = _Spool(spool_dir, spool_memory)
+        # compress, then encrypt (ciphertext does not compress): the sealer sits between the
+        # compressor and the spool; without a key, the spool takes the compressor's output
+        self._sealer = None if encryption_key is None else encryption.Sealer(encryption_key, self._spool.write, encryption_chunk)
+        self._out = self._spool.write if self._sealer is None else self._sealer.write
         self._cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj() if codec == "zstd" else None
         self._raw = 0
         self._state = "open"  # open | failed | finished | closed
@@ -679,11 +793,37 @@ class _Writer:
             raise ValueError(f"writer is {self._state}")
 
     def _put(self, data: bytes | bytearray | memoryview) -> None:
-        self._spool.write(self._cobj.compress(data) if self._cobj is not None else data)
+        self._out(self._cobj.compress(data) if self._cobj is not None else data)
 
     def _finish(self, kind: str, first: int, last: int, txns: list[TxnInfo], created: float | None) -> EncodedArtefact:
         if self._cobj is not None:
-            self._spool.write(self._cobj.flush())
+            self._out(self._cobj.flush())
+        created = float(time.time() if created is None else created)
+        enc = None
+        if self._sealer is not None:
+            # the last chunk binds the whole header except plen/psum, which describe the
+            # stored bytes and so are known only once it is sealed
+            sealer = self._sealer
+            enc = Encryption(kid=sealer.key.kid, nonce=sealer.nonce, chunk=sealer.chunk)
+            provisional = ArtefactHeader(
+                kind=kind,
+                generation=self.generation,
+                first_txid=first,
+                last_txid=last,
+                page_size=self.page_size,
+                codec=self.codec,
+                level=self.level,
+                created=created,
+                payload_length=0,
+                payload_checksum=0,
+                raw_length=self._raw,
+                txns=tuple(txns),
+                format_version=ENCRYPTED_VERSION,
+                encryption=enc,
+            )
+            digest = header_digest(provisional.to_map())
+            sealer.finish(digest)
+            enc = replace(enc, digest=digest)
         self._spool.seal()
         header = ArtefactHeader(
             kind=kind,
@@ -693,11 +833,13 @@ class _Writer:
             page_size=self.page_size,
             codec=self.codec,
             level=self.level,
-            created=float(time.time() if created is None else created),
+            created=created,
             payload_length=self._spool.size,
             payload_checksum=self._spool.checksum,
             raw_length=self._raw,
             txns=tuple(txns),
+            format_version=PLAIN_VERSION if enc is None else ENCRYPTED_VERSION,
+            encryption=enc,
         )
         try:
             art = EncodedArtefact(header, self._spool)
@@ -733,8 +875,13 @@ class SegmentWriter(_Writer):
         level: int = 3,
         spool_dir: str | os.PathLike | None = None,
         spool_memory: int = 8 << 20,
+        encryption_key: EncryptionKey | None = None,
+        encryption_chunk: int = encryption.DEFAULT_CHUNK,
     ):
-        super().__init__(generation, page_size, codec, level, spool_dir, spool_memory)
+        super().__init__(
+            generation, page_size, codec, level, spool_dir, spool_memory,
+            encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+        )
         self._txns: list[TxnInfo] = []
         self._batch = bytearray()
 
@@ -813,10 +960,15 @@ class SnapshotWriter(_Writer):
         spool_dir: str | os.PathLike | None = None,
         spool_memory: int = 8 << 20,
         threads: int = 0,
+        encryption_key: EncryptionKey | None = None,
+        encryption_chunk: int = encryption.DEFAULT_CHUNK,
     ):
         if not _is_uint(txid):
             raise ValueError(f"bad txid {txid!r}")
-        super().__init__(generation, page_size, codec, level, spool_dir, spool_memory, threads)
+        super().__init__(
+            generation, page_size, codec, level, spool_dir, spool_memory, threads,
+            encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+        )
         self.txid = txid
         self._checksum = 0
 
@@ -873,10 +1025,15 @@ def encode_segment(
     codec: str = "zstd",
     level: int = 3,
     created: float | None = None,
+    encryption_key: EncryptionKey | None = None,
+    encryption_chunk: int = encryption.DEFAULT_CHUNK,
 ) -> bytes:
     """A whole segment as bytes. Each txn is (txid, db_pages, commit_time, db_checksum, pages),
     (txid, page_count, db_pages, commit_time, db_checksum, pages) or (TxnInfo, pages)."""
-    with SegmentWriter(generation, page_size, codec=codec, level=level, spool_memory=1 << 62) as w:
+    with SegmentWriter(
+        generation, page_size, codec=codec, level=level, spool_memory=1 << 62,
+        encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+    ) as w:
         for t in txns:
             if len(t) == 2 and isinstance(t[0], TxnInfo):
                 info, pages = t
@@ -906,10 +1063,15 @@ def encode_snapshot(
     codec: str = "zstd",
     level: int = 3,
     created: float | None = None,
+    encryption_key: EncryptionKey | None = None,
+    encryption_chunk: int = encryption.DEFAULT_CHUNK,
 ) -> bytes:
     """A whole snapshot of image as bytes (db_checksum defaults to the image's own)."""
     mv = memoryview(image).cast("B")
-    with SnapshotWriter(generation, txid, page_size, codec=codec, level=level, spool_memory=1 << 62) as w:
+    with SnapshotWriter(
+        generation, txid, page_size, codec=codec, level=level, spool_memory=1 << 62,
+        encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+    ) as w:
         w.write(mv)
         with w.finish(
             db_pages=mv.nbytes // page_size, commit_time=commit_time, db_checksum=db_checksum, created=created
@@ -917,7 +1079,9 @@ def encode_snapshot(
             return art.to_bytes()
 
 
-def decode(buf: bytes | bytearray | memoryview) -> tuple[ArtefactHeader, bytes]:
+def decode(
+    buf: bytes | bytearray | memoryview, *, encryption_key: EncryptionKey | None = None
+) -> tuple[ArtefactHeader, bytes]:
     """A whole artefact to (header, raw body), fully verified (segment structure included)."""
     mv = memoryview(buf).cast("B")
     header = parse_header_bytes(mv)
@@ -925,7 +1089,7 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[ArtefactHeader, bytes]:
     chunks: list[bytes] = []
 
     def collect() -> Iterator[bytes]:
-        for c in iter_body(f, header):
+        for c in iter_body(f, header, encryption_key=encryption_key):
             chunks.append(c)
             yield c
 

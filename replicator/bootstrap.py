@@ -10,7 +10,7 @@ that hides it.
 from __future__ import annotations
 
 from replicas import StorageError
-from replicator.config import DbConfig
+from replicator.config import DbConfig, encryption_key_of
 from replicator.restore import RestoreError, list_artefacts, restore
 from replicator.restore_plan import PlanError, RestoreTarget, plan_restore
 
@@ -64,7 +64,7 @@ def restore_if_missing(db: DbConfig, log) -> bool:
         return False
     _, name, driver, plan = best
     try:
-        result = restore(driver, db.path, restore_plan=plan)
+        result = restore(driver, db.path, restore_plan=plan, encryption_key=encryption_key_of(db))
     except (RestoreError, StorageError) as e:
         raise BootstrapError(f"{db.path}: restore from replica {name} failed: {e}") from None
     finally:

@@ -18,6 +18,7 @@ never stitches across a gap.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from replicator import db_image, failpoints, keys, metrics
-from replicator.artefact import ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
+from replicator.artefact import ArtefactError, ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
+from replicator.fsutil import fsync_dir
 from replicator.progress import console as console_progress
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
@@ -89,6 +91,19 @@ def _ms(t: float) -> int:
     return int(t * 1000)
 
 
+_KEY_FILE = "encryption"  # in the shadow directory: {"generation": ..., "kid": ...}
+
+
+def _encryption_key_of(cfg: "DbConfig"):
+    """The db's encryption key (its key file read now), or None; a ConfigError when the key
+    file cannot be read or holds no key."""
+    if getattr(cfg, "encryption_key", None) is None and getattr(cfg, "encryption_key_path", None) is None:
+        return None
+    from replicator.config import encryption_key_of
+
+    return encryption_key_of(cfg)
+
+
 class Capture:
     """Tails one database into its shadow log and hands new artefacts to `publish`."""
 
@@ -122,6 +137,8 @@ class Capture:
         self._zero_hash: dict[int, int] = {}
         self.rotations: dict[str, int] = {}
         self._unavailable: str | None = None
+        # the key every artefact is encrypted with (None: unencrypted); read once, at start
+        self.encryption_key = _encryption_key_of(cfg)
 
     # -- life cycle -------------------------------------------------------------------------
     def open(self) -> bool:
@@ -180,6 +197,10 @@ class Capture:
         state = self.shadow.load_state()
         if state is None:
             self.start_generation("initial")
+            return
+        if self._key_changed(state):
+            # a generation must be restorable with one key: never mix two in one
+            self.start_generation("encryption-key-changed")
             return
         problem = self._load_hashes(state)
         if problem:
@@ -253,11 +274,15 @@ class Capture:
                 if a.first_txid > at + 1:
                     return "shadow-mismatch"
                 with open(self.shadow.path_of(a.key), "rb") as f:
-                    header = read_header(f)
-                    for txn, pgno, data in iter_segment_pages(f, header):
-                        if txn.txid <= txid or txn.txid > state.txid:
-                            continue
-                        changes[pgno] = page_hash(pgno, data)
+                    try:
+                        header = read_header(f)
+                        for txn, pgno, data in iter_segment_pages(f, header, encryption_key=self.encryption_key):
+                            if txn.txid <= txid or txn.txid > state.txid:
+                                continue
+                            changes[pgno] = page_hash(pgno, data)
+                    except ArtefactError as e:  # damaged, or under a key capture no longer has
+                        self.log.warning("shadow segment unreadable", key=a.key, error=str(e))
+                        return "shadow-mismatch"
                     for t in header.txns:
                         if txid < t.txid <= state.txid:
                             db_pages = t.db_pages
@@ -269,6 +294,32 @@ class Capture:
         if self.shadow.hashes.checksum(state.db_pages) != state.db_checksum:
             return "shadow-mismatch"
         return None
+
+    # -- the encryption key of the current generation ------------------------------------------
+    def _key_changed(self, state: CaptureState) -> bool:
+        """True when state's generation was not written under the key capture has now (or was,
+        and capture has none): <shadow>/encryption records the key id of each new generation."""
+        try:
+            recorded = json.loads((self.shadow.root / _KEY_FILE).read_text())
+        except FileNotFoundError:
+            recorded = {"generation": state.generation, "kid": None}  # from before encryption existed
+        except (OSError, ValueError):
+            return True
+        if not isinstance(recorded, dict) or recorded.get("generation") != state.generation:
+            return True  # e.g. a crash between a new generation's state and this record
+        return recorded.get("kid") != (self.encryption_key.kid if self.encryption_key is not None else None)
+
+    def _record_key(self, generation: str) -> None:
+        """Durably record the key id (or null) the new generation is written under."""
+        kid = self.encryption_key.kid if self.encryption_key is not None else None
+        path = self.shadow.root / _KEY_FILE
+        tmp = path.with_name(_KEY_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"generation": generation, "kid": kid}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.shadow.root)
 
     def _rebuild_wal_pages(self, header: WalHeader, pos: WalPosition) -> bool:
         fd = self._fd()
@@ -391,7 +442,8 @@ class Capture:
         hashes = self.shadow.hashes
         now = self.clock()
         writer = SegmentWriter(
-            state.generation, ps, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+            state.generation, ps, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+            encryption_key=self.encryption_key,
         )
         changes: dict[int, int] = {}
         cks = state.db_checksum
@@ -697,7 +749,8 @@ class Capture:
             now = self.clock()
             generation = keys.new_generation_id(now)
             writer = SnapshotWriter(
-                generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+                generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+                encryption_key=self.encryption_key,
             )
             try:
                 with console_progress(f"snapshot of {self.cfg.path}", db_pages * page_size) as bar:
@@ -725,6 +778,7 @@ class Capture:
             self.shadow.hashes.reset(generation, 0, hashes)
             self.state = CaptureState(generation, 0, page_size, db_pages, cks, now, wal)
             self.shadow.save_state(self.state)
+            self._record_key(generation)
             self.wal_pages = overlay
             self._snapshot_done(started)
             self.rotations[reason] = self.rotations.get(reason, 0) + 1
@@ -763,7 +817,8 @@ class Capture:
             now = self.clock()
             started = time.monotonic()
             writer = SnapshotWriter(
-                state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp
+                state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+                encryption_key=self.encryption_key,
             )
             with console_progress(f"snapshot of {self.cfg.path}", state.db_pages * state.page_size) as bar:
                 hashes = self._read_image(state.page_size, state.db_pages, dict(self.wal_pages), _failing(writer.write), bar.advance)

@@ -89,6 +89,29 @@ def _replicas_for(args) -> list[tuple[str, object]]:
     return [(r.name, r) for r in replicas]
 
 
+def _encryption_key(args, db=None):
+    """The key that decrypts encrypted artefacts: --encryption-key-path, else the config's
+    (encryption-key-path or encryption-key of db), else $REPLICATOR_ENCRYPTION_KEY_PATH;
+    None when there is none (unencrypted artefacts need none)."""
+    from replicator.config import encryption_key_of, load_encryption_key
+
+    if getattr(args, "encryption_key_path", None):
+        return load_encryption_key(args.encryption_key_path, what="--encryption-key-path")
+    key = encryption_key_of(db) if db is not None else None
+    if key is None and os.environ.get("REPLICATOR_ENCRYPTION_KEY_PATH"):
+        key = load_encryption_key(os.environ["REPLICATOR_ENCRYPTION_KEY_PATH"], what="REPLICATOR_ENCRYPTION_KEY_PATH")
+    return key
+
+
+def _db_of(args, target: str | None):
+    """The config's db entry for a DB_PATH target; None for a replica URL."""
+    if target is None or _is_url(target):
+        return None
+    from replicator.config import find_db
+
+    return find_db(_load_config(args.config), target)
+
+
 def _open(spec):
     from replicas import RetryingDriver, open_driver
 
@@ -248,10 +271,11 @@ def cmd_restore(args) -> int:
         return EXIT_OK
     for note in plan.notes:
         log.warning(note)
+    key = _encryption_key(args, _db_of(args, args.target))
     started = time.monotonic()
     bar = _restore_progress(args, driver, plan, output)
     try:
-        result = restore(driver, output, restore_plan=plan, force=args.force, on_read=bar.advance)
+        result = restore(driver, output, restore_plan=plan, force=args.force, on_read=bar.advance, encryption_key=key)
     except BaseException:
         bar.close(ok=False)
         raise
@@ -386,6 +410,7 @@ def _restore_dir(args, entry) -> int:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise UserError(f"{existing[0]} already exists{more} (use --force to replace, or --if-db-not-exists)")
     target = RestoreTarget(timestamp=args.timestamp)
+    key = None if args.dry_run else _encryption_key(args, entry.template)
     failed = 0
     for rel, reason in sorted(refused.items()):
         shown = rel if rel.isprintable() and rel.strip() == rel else repr(rel)
@@ -415,7 +440,7 @@ def _restore_dir(args, entry) -> int:
                 continue
             for note in plan.notes:
                 log.warning(note, path=str(output))
-            result = restore(driver, output, restore_plan=plan, force=args.force)
+            result = restore(driver, output, restore_plan=plan, force=args.force, encryption_key=key)
             print(f"restored {rel} -> {output}: replica {name}, generation {plan.generation}, txid {result.txid}", flush=True)
         except (RestoreError, StorageError) as e:
             print(f"failed   {rel}: {e}", flush=True)
@@ -515,6 +540,7 @@ def cmd_verify(args) -> int:
     targets = _verify_targets(args)
     results = []
     for db_path, replicas in targets:
+        key = _encryption_key(args, _db_of(args, db_path))
         source = None
         if db_path is not None and Path(db_path).exists():
             source = lambda p=db_path: live_checksum(Path(p))[0]  # noqa: E731
@@ -525,7 +551,9 @@ def cmd_verify(args) -> int:
                 verdict = Verdict(replica=name, ok=False, reason="unreachable", message=str(e))
             else:
                 try:
-                    verdict = verify_replica(name, driver, scratch_dir=scratch, source_checksum=source, wait=args.wait)
+                    verdict = verify_replica(
+                        name, driver, scratch_dir=scratch, source_checksum=source, wait=args.wait, encryption_key=key
+                    )
                 finally:
                     driver.close()
             results.append((db_path, verdict))
@@ -622,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch-dir", metavar="DIR", help="where the scratch restores go (default: the system temp dir)")
     p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for a replica to reach the live database's state (default 10)")
+    p.add_argument("--encryption-key-path", metavar="FILE",
+                   help="key file of encrypted replicas (default: the config's, else $REPLICATOR_ENCRYPTION_KEY_PATH)")
     p.add_argument("target", nargs="?", metavar="DB_PATH|REPLICA_URL", help="default: every database of the config")
     p.set_defaults(func=cmd_verify)
 
@@ -642,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-replica-exists", action="store_true", help="exit 0 when no replica holds a backup")
     p.add_argument("--dry-run", action="store_true", help="print the plan, restore nothing")
     p.add_argument("--force", action="store_true", help="replace an existing database (and its -wal/-shm)")
+    p.add_argument("--encryption-key-path", metavar="FILE",
+                   help="key file of an encrypted replica (default: the config's, else $REPLICATOR_ENCRYPTION_KEY_PATH)")
     p.add_argument("target", metavar="DB_PATH|REPLICA_URL")
     p.set_defaults(func=cmd_restore)
 

@@ -25,6 +25,7 @@ import yaml
 
 from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
+from replicator.encryption import EncryptionKey, KeyFormatError, parse_key_text, read_key_file
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -37,7 +38,9 @@ __all__ = [
     "ReplicaConfig",
     "adhoc_config",
     "default_shadow_dir",
+    "encryption_key_of",
     "find_db",
+    "load_encryption_key",
     "load_config",
     "parse_config",
 ]
@@ -91,6 +94,8 @@ class DbConfig:
     data_loss_window_threshold: float = 10.0
     verify_interval: float = 0.0
     restore_if_db_not_exists: bool = False
+    encryption_key_path: Path | None = None  # the key file, read when needed (encryption_key_of)
+    encryption_key: bytes | None = dataclasses.field(default=None, repr=False)  # from encryption-key
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class _KeyedAsWritten(Mapping[str, Any]):
 class _Spec:
     """How one key's value is checked and converted."""
 
-    kind: str  # duration | size | int | bool | str | path | enum | addr
+    kind: str  # duration | size | int | bool | str | path | enum | addr | key
     low: float | None = None  # inclusive lower bound
     positive: bool = False  # must be > 0
     high: float | None = None  # inclusive upper bound
@@ -188,7 +193,11 @@ _DB_SPECS: dict[str, _Spec] = {
     "data-loss-window-threshold": _DURATION_POS,
     "verify-interval": _DURATION_0,
     "restore-if-db-not-exists": _Spec("bool"),
+    # at most one of the two at each level; one set on a db replaces the other inherited
+    "encryption-key-path": _Spec("path"),
+    "encryption-key": _Spec("key", secret=True),
 }
+_ENCRYPTION_KEYS = ("encryption-key-path", "encryption-key")
 _GLOBAL_SPECS: dict[str, _Spec] = {
     "log-level": _Spec("enum", choices=("debug", "info", "warning", "error")),
     "log-format": _Spec("enum", choices=("auto", "text", "json")),
@@ -265,6 +274,8 @@ DEFAULTS: Mapping[str, Any] = _KeyedAsWritten(
         "data-loss-window-threshold": 10.0,
         "verify-interval": 0.0,
         "restore-if-db-not-exists": False,
+        "encryption-key-path": None,
+        "encryption-key": None,
         "log-level": "info",
         "log-format": "auto",
         "metrics-addr": None,
@@ -475,10 +486,14 @@ def _build(doc: object, ctx: _Context, *, source: Path | None) -> Config:
     _check_keys(ctx, "", doc, _TOP_KEYS, where="top")
 
     settings = {key: DEFAULTS[key] for key in (*_DB_SPECS, *_GLOBAL_SPECS)}
+    own = set()
     for key, spec in (*_DB_SPECS.items(), *_GLOBAL_SPECS.items()):
         value = _value(ctx, key, doc, key)
         if value is not _MISSING:
             settings[key] = _convert(ctx, key, value, spec)
+            own.add(key)
+            _note_secret(ctx, key, value, spec)
+    _encryption_settings(ctx, "", settings, own)
 
     raw_dbs = doc.get("dbs", _MISSING)
     if raw_dbs is _MISSING or raw_dbs is None:
@@ -552,10 +567,14 @@ def _db_entry(
 ) -> DbConfig:
     """The settings and replicas of a db entry (for a dir entry, db_path is the directory)."""
     settings = dict(inherited)
+    own = set()
     for key, spec in _DB_SPECS.items():
         value = _value(ctx, f"{path}.{key}", raw, key)
         if value is not _MISSING:
             settings[key] = _convert(ctx, f"{path}.{key}", value, spec)
+            own.add(key)
+            _note_secret(ctx, f"{path}.{key}", value, spec)
+    _encryption_settings(ctx, f"{path}.", settings, own)
     truncate, minimum = settings["truncate-page-count"], settings["min-checkpoint-page-count"]
     if truncate and truncate <= minimum:
         ctx.fail(path, "truncate-page-count must be greater than min-checkpoint-page-count (or 0 to disable)")
@@ -616,7 +635,47 @@ def _db_entry(
         data_loss_window_threshold=settings["data-loss-window-threshold"],
         verify_interval=settings["verify-interval"],
         restore_if_db_not_exists=settings["restore-if-db-not-exists"],
+        encryption_key_path=Path(settings["encryption-key-path"]) if settings["encryption-key-path"] else None,
+        encryption_key=settings["encryption-key"],
     )
+
+
+def _note_secret(ctx: _Context, path: str, value: object, spec: _Spec) -> None:
+    """Remember a secret written literally in the file (for the file-permissions warning)."""
+    literal = not isinstance(value, _Expanded) or value.from_file
+    if spec.secret and literal and ctx.literal_secrets is not None:
+        ctx.literal_secrets.append(path)
+
+
+def _encryption_settings(ctx: _Context, prefix: str, settings: dict[str, Any], own: set[str]) -> None:
+    """At most one key source per level; one set here replaces the other one inherited."""
+    given = [k for k in _ENCRYPTION_KEYS if k in own]
+    if len(given) == 2:
+        ctx.fail(f"{prefix}encryption-key", "give either encryption-key-path (a key file) or encryption-key, not both")
+    for other in _ENCRYPTION_KEYS:
+        if given and other != given[0]:
+            settings[other] = None
+
+
+def load_encryption_key(path: str | os.PathLike[str], *, what: str = "encryption-key-path") -> EncryptionKey:
+    """Read a key file (32 raw bytes, 64 hex digits or base64 of 32 bytes). Any problem is a
+    one-line ConfigError naming `what` and the file; the file's contents are never shown."""
+    try:
+        return read_key_file(path)
+    except KeyFormatError as exc:
+        raise ConfigError(f"{what} {os.fspath(path)}: {exc}", key=what, detail=str(exc)) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{what} {os.fspath(path)}: cannot read the key file ({reason})", key=what) from None
+
+
+def encryption_key_of(db: DbConfig) -> EncryptionKey | None:
+    """The db's encryption key (its key file is read now), or None when it has none."""
+    if db.encryption_key is not None:
+        return EncryptionKey(db.encryption_key, origin="encryption-key")
+    if db.encryption_key_path is not None:
+        return load_encryption_key(db.encryption_key_path)
+    return None
 
 
 def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, Any]) -> ReplicaConfig:
@@ -804,6 +863,12 @@ def _convert(ctx: _Context, path: str, value: object, spec: _Spec) -> Any:
         return str(_path(ctx, path, value))
     if spec.kind == "addr":
         return _addr(ctx, path, value)
+    if spec.kind == "key":
+        try:
+            return parse_key_text(_string(ctx, path, value))
+        except KeyFormatError:
+            expected = "a 256-bit key as 64 hex digits or base64 of 32 bytes (or a key file: encryption-key-path)"
+            ctx.fail(path, f"expected {expected}; the value is not shown", value)
     return str(_string(ctx, path, value))
 
 

@@ -248,7 +248,8 @@ class DatabaseReplicator:
 
         for s in self.shippers:
             verdict = verify_replica(
-                s.name, s.driver, scratch_dir=self.capture.shadow.tmp, recorded=lambda g, t: self.recorded.get((g, t)), wait=0
+                s.name, s.driver, scratch_dir=self.capture.shadow.tmp, recorded=lambda g, t: self.recorded.get((g, t)), wait=0,
+                encryption_key=self.capture.encryption_key,
             )
             db = str(self.cfg.path)
             metrics.VERIFY_SECONDS.labels(db=db, replica=s.name).observe(verdict.seconds)

@@ -18,6 +18,7 @@ import xxhash
 from replicas import Driver, NotFound, StorageError
 from replicator import keys
 from replicator.artefact import ArtefactError, iter_body, iter_segment_pages, read_header, verify_key
+from replicator.encryption import EncryptionKey
 from replicator.fsutil import fsync_dir, temp_path
 from replicator.restore_plan import RestorePlan, RestoreTarget, plan_restore
 
@@ -141,11 +142,14 @@ def restore(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     on_read: Callable[[int], None] | None = None,
+    encryption_key: EncryptionKey | None = None,
 ) -> RestoreResult:
     """Restore the planned state of the replica to output; see the module doc.
 
     progress gets the size of each decoded snapshot chunk written; on_read gets the number
-    of stored bytes each time some are read from the replica (download progress)."""
+    of stored bytes each time some are read from the replica (download progress).
+    encryption_key decrypts encrypted artefacts (unencrypted ones need none); an encrypted
+    artefact without it, or under another key, is a RestoreError naming the key ids."""
     output = Path(output)
     if output.exists() and not force:
         raise RestoreError(f"{output} already exists (use --force to replace it)")
@@ -153,7 +157,7 @@ def restore(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output)
     try:
-        result = _build(driver, p, tmp, progress, on_read)
+        result = _build(driver, p, tmp, progress, on_read, encryption_key)
         try:
             verdict = integrity_check(tmp)
         except apsw.Error as e:  # e.g. NotADBError, CorruptError: a failed check, not a crash
@@ -177,7 +181,9 @@ def restore(
     return RestoreResult(p, output, result[0], result[1], result[2], result[3], result[4], result[5])
 
 
-def _build(driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None) -> tuple[int, int, int, int, float, int]:
+def _build(
+    driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None, encryption_key: EncryptionKey | None = None
+) -> tuple[int, int, int, int, float, int]:
     fetched = 0
     with open(tmp, "wb") as out:
         # snapshot: the raw database image
@@ -185,7 +191,7 @@ def _build(driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None) ->
             try:
                 header = read_header(f)
                 verify_key(header, p.snapshot.key)
-                for chunk in iter_body(f, header):
+                for chunk in iter_body(f, header, encryption_key=encryption_key):
                     out.write(chunk)
                     fetched += len(chunk)
                     if progress:
@@ -209,7 +215,7 @@ def _build(driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None) ->
                         raise ArtefactError(f"page size {sh.page_size} differs from the snapshot's {page_size}")
                     if sh.first_txid > txid + 1:
                         raise ArtefactError(f"starts at txid {sh.first_txid} but the restore is at {txid}")
-                    for txn, pgno, data in iter_segment_pages(f, sh):
+                    for txn, pgno, data in iter_segment_pages(f, sh, encryption_key=encryption_key):
                         # every page is read so the payload checksum gets verified; only
                         # the transactions the target wants are applied
                         if txn.txid > txid and _wanted(p, txn):

@@ -5,6 +5,8 @@ on every replica.
                                         in two checksummed slots written in turn
     <shadow>/state.json                 the same, as written by versions before 0.2 (read once)
     <shadow>/pagehash                   per-page hashes behind the incremental database checksum
+    <shadow>/encryption                 the id of the key the current generation is encrypted
+                                        with, or null (capture: a new key starts a new generation)
     <shadow>/generations/...            artefacts, same keys as on a replica (replicator.keys)
     <shadow>/tmp/                       spool files of artefacts being built
 

@@ -83,9 +83,11 @@ def verify_replica(
     source_checksum: Callable[[], int] | None = None,
     recorded: Callable[[str, int], int | None] | None = None,
     wait: float = 10.0,
+    encryption_key=None,
 ) -> Verdict:
     """Run one drill. source_checksum reads the live database's checksum now (CLI);
-    recorded(generation, txid) gives the checksum capture recorded there (agent)."""
+    recorded(generation, txid) gives the checksum capture recorded there (agent);
+    encryption_key (a replicator.encryption.EncryptionKey) decrypts encrypted artefacts."""
     started = time.monotonic()
     verdict = Verdict(replica=name, ok=False)
     scratch = Path(tempfile.mkdtemp(prefix="replicator-verify-", dir=scratch_dir))
@@ -96,7 +98,7 @@ def verify_replica(
                 verdict.reason, verdict.message = "empty", "the replica holds no generations"
                 return verdict
             plan = plan_restore(listing, RestoreTarget())
-            result = restore(driver, scratch / "latest.db", restore_plan=plan)
+            result = restore(driver, scratch / "latest.db", restore_plan=plan, encryption_key=encryption_key)
         except StorageError as e:
             verdict.reason, verdict.message = "unreachable", str(e)
             return verdict
@@ -108,7 +110,7 @@ def verify_replica(
             return verdict
         verdict.generation, verdict.txid, verdict.bytes = plan.generation, result.txid, result.bytes_fetched
         if source_checksum is not None:
-            _compare_live(verdict, driver, result, source_checksum, scratch, wait)
+            _compare_live(verdict, driver, result, source_checksum, scratch, wait, encryption_key)
             if verdict.reason is not None:
                 return verdict
         elif recorded is not None:
@@ -129,7 +131,9 @@ def verify_replica(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compare_live(verdict: Verdict, driver: Driver, result: RestoreResult, source_checksum, scratch: Path, wait: float) -> None:
+def _compare_live(
+    verdict: Verdict, driver: Driver, result: RestoreResult, source_checksum, scratch: Path, wait: float, encryption_key=None
+) -> None:
     """Find the live database's state in the replica's history and restore exactly there."""
     try:
         wanted = source_checksum()
@@ -159,7 +163,10 @@ def _compare_live(verdict: Verdict, driver: Driver, result: RestoreResult, sourc
         if match:
             txid = max(match)
             try:
-                again = restore(driver, scratch / f"at-{txid}.db", target=RestoreTarget(generation=generation, txid=txid))
+                again = restore(
+                    driver, scratch / f"at-{txid}.db", target=RestoreTarget(generation=generation, txid=txid),
+                    encryption_key=encryption_key,
+                )
             except (StorageError, RestoreError, PlanError) as e:
                 verdict.reason, verdict.message = "damaged", f"restoring txid {txid} to compare with the live database: {e}"
                 return

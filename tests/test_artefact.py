@@ -569,10 +569,17 @@ def test_inconsistent_header(samples):
     both_paths_raise(rebuild(samples["snapshot-none"], lambda m: m.update(plen=5)), "header field 'plen' inconsistent")
 
 
-@pytest.mark.parametrize("version", [2, 7])
+@pytest.mark.parametrize("version", [3, 7])
 def test_newer_format_version_is_rejected(samples, version):
     art = rebuild(samples["segment-zstd"], lambda m: m.update(v=version, kind="something-new"))
-    both_paths_raise(art, f"unsupported format version {version} (this replicator reads 1)")
+    both_paths_raise(art, f"unsupported format version {version} (this replicator reads 2)")
+
+
+def test_version_2_needs_enc_and_version_1_refuses_it(samples):
+    # version 2 is the encrypted format: its `enc` key is required (tests/test_encryption.py)
+    both_paths_raise(rebuild(samples["segment-zstd"], lambda m: m.update(v=2)), "header field 'enc' missing or malformed")
+    enc = {"alg": "A256GCM", "kid": "00" * 8, "nonce": bytes(12), "chunk": 1 << 20}
+    both_paths_raise(rebuild(samples["segment-zstd"], lambda m: m.update(enc=enc)), "header field 'enc' needs format version 2")
 
 
 def test_unknown_codec(samples):

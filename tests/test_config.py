@@ -1097,6 +1097,7 @@ def test_dataclass_field_names_are_the_contract():
         "compression", "compression_level", "min_checkpoint_page_count", "checkpoint_interval",
         "truncate_page_count", "monitor_interval", "sync_interval", "shadow_max_bytes", "shutdown_timeout",
         "data_loss_window_threshold", "verify_interval", "restore_if_db_not_exists",
+        "encryption_key_path", "encryption_key",
     ]
     assert [f.name for f in dataclasses.fields(Config)] == [
         "dbs", "log_level", "log_format", "source", "warnings", "metrics_addr", "dirs",

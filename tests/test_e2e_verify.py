@@ -211,3 +211,28 @@ def test_restore_if_db_not_exists_refuses_to_start_fresh_over_a_broken_replica(t
     last = p.stderr.strip().splitlines()[-1]  # the error; the lines before are warning logs per replica
     assert last.startswith("replicator: ") and "does not exist and cannot be restored" in last
     assert not db.exists()
+
+
+def test_verify_interval_drills_an_encrypted_replica(tmp_path):
+    import os as _os
+
+    key = tmp_path / "key"
+    key.write_bytes(_os.urandom(32))
+    key.chmod(0o600)
+    db = tmp_path / "app.db"
+    write(db, [["schema"], ["insert", 10, 300]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(tmp_path, db, extra="    verify-interval: 1s\n", top=f"metrics-addr: 127.0.0.1:{port}\nencryption-key-path: {key}\n")
+    log = tmp_path / "agent.log"
+    with AgentProcess("-c", str(cfg), log=log) as agent:
+        write(db, [["insert", 10, 300]])
+
+        def drills_ok():
+            st = json.loads(cli("status", "-c", str(cfg), "--json", check=True).stdout)
+            return all(r["verify"]["last_ok"] for r in st["databases"][0]["replicas"])
+
+        wait_for(drills_ok, timeout=30, what="drills of the encrypted replicas to pass")
+        assert "restore drill failed" not in log.read_text()
+        assert agent.stop() == 0
