@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import apsw
-import numpy as np
 import xxhash
 
 from replicas import Driver, NotFound, StorageError
@@ -97,19 +96,19 @@ def plan(driver: Driver, target: RestoreTarget) -> RestorePlan:
 
 def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
     """Whole-database checksum of a database file (XOR of per-page xxh3 seeded by page number)."""
-    acc = np.uint64(0)
+    acc = 0
     chunk = max(1, (8 << 20) // page_size)
     h = xxhash.xxh3_64_intdigest
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         for first in range(1, db_pages + 1, chunk):
             n = min(chunk, db_pages - first + 1)
             buf = f.read(n * page_size)
             if len(buf) < n * page_size:
                 buf += bytes(n * page_size - len(buf))
             mv = memoryview(buf)
-            vals = np.fromiter((h(mv[i * page_size : (i + 1) * page_size], first + i) for i in range(n)), dtype=np.uint64, count=n)
-            acc ^= np.bitwise_xor.reduce(vals)
-    return int(acc)
+            for i in range(n):
+                acc ^= h(mv[i * page_size : (i + 1) * page_size], first + i)
+    return acc
 
 
 def integrity_check(path: Path) -> str:
@@ -158,10 +157,7 @@ def restore(
     tmp = temp_path(output)
     try:
         result = _build(driver, p, tmp, progress, on_read, encryption_key)
-        try:
-            verdict = integrity_check(tmp)
-        except apsw.Error as e:  # e.g. NotADBError, CorruptError: a failed check, not a crash
-            verdict = f"{type(e).__name__}: {e}"
+        verdict = _verify_file(tmp, p, result)
         if verdict != "ok":
             verdict = " ".join(verdict.split())
             raise RestoreError(
@@ -206,8 +202,8 @@ def _build(
         out.flush()  # the segments below write with pwrite on the raw fd
         fd = out.fileno()
         done = False
-        for seg in p.segments:
-            with _open_artefact(driver, seg, on_read) as f:
+        for seg, f in _prefetched(driver, p.segments, on_read):
+            with f:
                 try:
                     sh = read_header(f)
                     verify_key(sh, seg.key)
@@ -237,12 +233,121 @@ def _build(
         os.fsync(fd)
     if p.target_txid is not None and txid != p.target_txid:
         raise RestoreError(f"replica ends at txid {txid} of generation {p.generation}, before the requested txid {p.target_txid}")
-    actual = file_checksum(tmp, page_size, db_pages)
+    return txid, db_pages, page_size, checksum, commit_time, fetched
+
+
+def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:
+    """The whole-database checksum (RestoreError on a mismatch) and PRAGMA integrity_check
+    (its verdict), run side by side: apsw releases the GIL while SQLite checks."""
+    import threading
+
+    txid, db_pages, page_size, checksum = result[0], result[1], result[2], result[3]
+    verdict: list[str] = []
+
+    def check() -> None:
+        try:
+            verdict.append(integrity_check(tmp))
+        except apsw.Error as e:  # e.g. NotADBError, CorruptError: a failed check, not a crash
+            verdict.append(f"{type(e).__name__}: {e}")
+        except BaseException as e:  # reported below, never lost in the thread
+            verdict.append(f"{type(e).__name__}: {e}")
+
+    checker = threading.Thread(target=check, name="integrity-check", daemon=True)
+    checker.start()
+    try:
+        actual = file_checksum(tmp, page_size, db_pages)
+    finally:
+        checker.join()
     if actual != checksum:
         raise RestoreError(
             f"restored database checksum {actual:016x} does not match the recorded {checksum:016x} at txid {txid} of generation {p.generation}"
         )
-    return txid, db_pages, page_size, checksum, commit_time, fetched
+    return verdict[0]
+
+
+PREFETCH_AHEAD = 8  # segments fetched ahead of the one being applied
+PREFETCH_BYTES = 8 << 20  # read into memory at most this much of each prefetched segment
+
+
+def _prefetched(driver: Driver, segments, on_read):
+    """(segment, stream) in order, fetched by a few threads ahead of the caller.
+
+    A restore with a long tail is mostly waiting for many small objects one after the
+    other; a worker opens each and reads up to PREFETCH_BYTES of it, keeping the stream
+    open for the rest, so memory stays bounded by PREFETCH_AHEAD x PREFETCH_BYTES."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(seg):
+        stream = _open_artefact(driver, seg, on_read)
+        try:
+            head = stream.read(PREFETCH_BYTES)
+        except BaseException:
+            stream.close()
+            raise
+        if len(head) < PREFETCH_BYTES:
+            stream.close()
+            return _Joined(io.BytesIO(head), None)
+        return _Joined(io.BytesIO(head), stream)
+
+    if len(segments) < 2:
+        for seg in segments:
+            yield seg, _open_artefact(driver, seg, on_read)
+        return
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="restore-fetch")
+    pending = []
+    try:
+        it = iter(segments)
+        for seg in it:
+            pending.append((seg, pool.submit(fetch, seg)))
+            if len(pending) >= PREFETCH_AHEAD:
+                break
+        while pending:
+            seg, fut = pending.pop(0)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fetch, nxt)))
+            try:
+                stream = fut.result()
+            except StorageError as e:
+                raise RestoreError(f"{seg.key}: {e}") from None
+            yield seg, stream
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        for _, fut in pending:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().close()
+
+
+class _Joined:
+    """A read-only stream: the prefetched head, then the rest of the artefact's stream."""
+
+    def __init__(self, head, rest) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._head.read(n)
+        if self._rest is None or (n >= 0 and len(data) == n):
+            return data
+        more = self._rest.read(-1 if n < 0 else n - len(data))
+        return data + more if data else more
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._rest is not None:
+            self._rest.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _wanted(p: RestorePlan, txn) -> bool:
