@@ -221,7 +221,8 @@ def _header_from_map(m: Any) -> ArtefactHeader:
     if type(version) is not int or version < 1:
         raise _malformed("v")
     if version > FORMAT_VERSION:
-        raise ArtefactError(f"unsupported format version {version} (this replicator reads {FORMAT_VERSION})")
+        shown = version if version < 1 << 32 else "beyond 2**32"  # never format a huge bignum
+        raise ArtefactError(f"unsupported format version {shown} (this replicator reads {FORMAT_VERSION})")
     kind = m.get("kind")
     if kind not in KINDS:
         raise _malformed("kind")

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import reprlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,6 +466,9 @@ def _parse(text: str, *, source: Path | None, environ: Mapping[str, str], file_m
         raise ConfigError(f"{label}: {where}invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label}: invalid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; nesting thousands deep
+        what = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long to read"
+        raise ConfigError(f"{label}: invalid YAML: {what}") from None
     base = source.parent if source is not None else Path.cwd()
     ctx = _Context(label=label, base_dir=base, environ=environ, literal_secrets=[])
     config = _build(doc, ctx, source=source)
@@ -739,6 +743,8 @@ def _replica(ctx: _Context, path: str, raw: object, db_settings: Mapping[str, An
 def _url(ctx: _Context, path: str, value: object) -> tuple[str, str]:
     """The normalised URL and its scheme; anything without "://" is a filesystem path."""
     text = _string(ctx, path, value).strip()
+    if "\0" in unquote(text):
+        ctx.fail(path, "a URL must not contain a NUL byte (or %00)", value)
     if "://" not in text:
         if _SCHEME_PREFIX_RE.match(text):
             ctx.fail(path, f"malformed URL{_shown(value)} (expected SCHEME://..., or a path)", value)
@@ -876,7 +882,7 @@ def _addr(ctx: _Context, path: str, value: object) -> str:
     """host:port (host may be empty for every interface, or a [v6] literal); port 0..65535."""
     text = _string(ctx, path, value).strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535 or (host.startswith("[") != host.endswith("]")):
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535 or (host.startswith("[") != host.endswith("]")):
         ctx.fail(path, f"expected HOST:PORT (e.g. 127.0.0.1:9090){_got(value)}", value)
     return text
 
@@ -898,6 +904,8 @@ def _string(ctx: _Context, path: str, value: object) -> str:
 def _path(ctx: _Context, path: str, value: object) -> Path:
     """An absolute, normalised path; ~ expands and relative paths start at the config's directory."""
     text = os.path.expanduser(_string(ctx, path, value))
+    if "\0" in text:
+        ctx.fail(path, "a path must not contain a NUL byte", value)
     return Path(os.path.normpath(os.path.join(ctx.base_dir, text)))
 
 
@@ -1013,13 +1021,23 @@ def _suggest(
     return ""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80  # a value in a message is shown, not dumped
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+
+
+def _brief(value: object) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _shown(value: object) -> str:
     """" 'value'" for messages, or nothing when the value came from the environment."""
-    return "" if isinstance(value, _Expanded) else f" {value!r}"
+    return "" if isinstance(value, _Expanded) else f" {_brief(value)}"
 
 
 def _got(value: object) -> str:
-    return "" if isinstance(value, _Expanded) else f", got {value!r}"
+    return "" if isinstance(value, _Expanded) else f", got {_brief(value)}"
 
 
 def _type_name(value: object) -> str:

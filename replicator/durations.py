@@ -54,7 +54,7 @@ class UnitError(ValueError):
         self.redacted = redacted
 
 
-def parse_duration(value: object) -> float:
+def _parse_duration(value: object) -> float:
     """Seconds from a Go-style duration string ("1h30m", "500ms", "1d") or a number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UnitError(
@@ -109,7 +109,7 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
-def parse_size(value: object) -> int:
+def _parse_size(value: object) -> int:
     """Bytes from "1GiB", "512MiB", "100MB", "4096B", "4096" or an int (binary and SI units)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UnitError(
@@ -159,3 +159,23 @@ def _type_name(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     return f"a {type(value).__name__}"  # only non-scalars reach here
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "1h30m", "250ms", "10s", a plain number of seconds, or an int/float."""
+    try:
+        return _parse_duration(value)
+    except UnitError:
+        raise
+    except (ValueError, OverflowError):  # a number too long to convert, or beyond a float
+        raise UnitError("invalid duration (too large)", "invalid duration (too large)") from None
+
+
+def parse_size(value: object) -> int:
+    """Bytes from "1GiB", "512MiB", "100MB", "4096B", "4096" or an int (binary and SI units)."""
+    try:
+        return _parse_size(value)
+    except UnitError:
+        raise
+    except (ValueError, OverflowError):
+        raise UnitError("invalid size (too large)", "invalid size (too large)") from None

@@ -23,9 +23,11 @@ GENERATIONS = "generations"
 SNAPSHOT = "snapshot"
 SEGMENT = "segment"
 
-_GEN_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{4}$")
-_SNAP_RE = re.compile(r"^([0-9a-f]{16})\.(\d{1,15})\.snapshot$")
-_SEG_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.(\d{1,15})\.segment$")
+# ASCII digits only, and no leading zeros in the time: ArtefactKey.key must give back the
+# very key that was parsed
+_GEN_RE = re.compile(r"^[0-9]{8}T[0-9]{12}Z-[0-9a-f]{4}$")
+_SNAP_RE = re.compile(r"^([0-9a-f]{16})\.(0|[1-9][0-9]{0,14})\.snapshot$")
+_SEG_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.(0|[1-9][0-9]{0,14})\.segment$")
 
 
 def new_generation_id(now: float | None = None) -> str:
@@ -38,8 +40,14 @@ def new_generation_id(now: float | None = None) -> str:
 
 
 def is_generation_id(value: str) -> bool:
-    """True when value has the shape of a generation id."""
-    return bool(_GEN_RE.match(value))
+    """True when value has the shape of a generation id, with a real date and time."""
+    if not _GEN_RE.fullmatch(value):
+        return False
+    try:
+        generation_time(value)
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def generation_time(generation: str) -> float:
@@ -93,12 +101,12 @@ def parse_key(key: str) -> ArtefactKey | None:
         return None
     generation, folder, name = parts[1], parts[2], parts[3]
     if folder == "snapshots":
-        m = _SNAP_RE.match(name)
+        m = _SNAP_RE.fullmatch(name)
         if m:
             txid = int(m.group(1), 16)
             return ArtefactKey(generation, SNAPSHOT, txid, txid, int(m.group(2)))
     elif folder == "segments":
-        m = _SEG_RE.match(name)
+        m = _SEG_RE.fullmatch(name)
         if m:
             first, last = int(m.group(1), 16), int(m.group(2), 16)
             if first <= last:

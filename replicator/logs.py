@@ -34,6 +34,47 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(LEVELS.get(level, logging.INFO))
+
+
+class _ToStructlog(logging.Handler):
+    """Forwards stdlib log records (the drivers', paramiko's, nats-py's) into structlog,
+    so they are JSON events with level and timestamp like the agent's own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not break logging
+            message = str(record.msg)
+        method = record.levelname.lower()
+        if method not in ("debug", "info", "warning", "error", "critical"):
+            method = "info"
+        getattr(structlog.get_logger().bind(logger=record.name), method)(message)
+
+
+class _OwnOrWarnings(logging.Filter):
+    """The project's own loggers at the configured level; libraries only from warning up
+    (paramiko and nats-py narrate every connection at info), except at debug."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("replicas", "replicator")) or self.level <= logging.DEBUG:
+            return record.levelno >= self.level
+        return record.levelno >= max(self.level, logging.WARNING)
+
+
+def _route_stdlib_logging(level: int) -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _ToStructlog)]:
+        root.removeHandler(h)
+    handler = _ToStructlog()
+    handler.addFilter(_OwnOrWarnings(level))
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.WARNING))
+    logging.captureWarnings(True)  # warnings.warn (e.g. from urllib3) become log events too
 
 
 def current_format() -> str:

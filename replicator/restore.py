@@ -156,7 +156,10 @@ def restore(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output)
     try:
-        result = _build(driver, p, tmp, progress, on_read, encryption_key)
+        try:
+            result = _build(driver, p, tmp, progress, on_read, encryption_key)
+        except OSError as e:  # e.g. EFBIG for a page far past any real database, ENOSPC
+            raise RestoreError(f"cannot write {tmp}: {e.strerror or e} (generation {p.generation})") from None
         verdict = _verify_file(tmp, p, result)
         if verdict != "ok":
             verdict = " ".join(verdict.split())
@@ -202,6 +205,7 @@ def _build(
         out.flush()  # the segments below write with pwrite on the raw fd
         fd = out.fileno()
         done = False
+        highest = db_pages  # the highest page the image holds so far
         for seg, f in _prefetched(driver, p.segments, on_read):
             with f:
                 try:
@@ -217,12 +221,18 @@ def _build(
                         if txn.txid > txid and _wanted(p, txn):
                             os.pwrite(fd, data, (pgno - 1) * page_size)
                             fetched += len(data)
+                            highest = max(highest, pgno)
                     for t in sh.txns:
                         if t.txid <= txid:
                             continue
                         if not _wanted(p, t):
                             done = True
                             break
+                        if t.db_pages > highest + 1:
+                            # SQLite writes every page a database grows by (but the lock-byte
+                            # page): a size past what the image holds is a forged header, and
+                            # would have us build and checksum a huge sparse file
+                            raise ArtefactError(f"txid {t.txid} claims {t.db_pages} pages but the pages written end at {highest}")
                         txid, db_pages, checksum, commit_time = t.txid, t.db_pages, t.db_checksum, t.commit_time
                 except ArtefactError as e:
                     raise RestoreError(f"{seg.key}: {e}") from None

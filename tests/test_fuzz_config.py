@@ -27,7 +27,7 @@ import pytest
 import yaml
 from hypothesis import event, given
 from hypothesis import strategies as st
-from test_fuzz_common import fuzz_settings, guarded, raised_in, timeout
+from test_fuzz_common import fuzz_settings, guarded, timeout
 
 from replicator import config as C
 from replicator.config import Config, ConfigError, parse_config
@@ -329,22 +329,8 @@ def check_config(cfg: Config) -> None:
 
 
 def known_bug(exc: BaseException) -> str | None:
-    """The bug an exception belongs to, for bugs already reported and pinned by the strict
-    xfail tests below (so that the fuzz test keeps looking for new ones); None otherwise.
-    Remove an entry when its bug is fixed."""
-    if isinstance(exc, ValueError) and "null byte" in str(exc) and raised_in(exc, "replicator/config.py", "_check_overlaps"):
-        return "BUG 2"
-    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
-        if raised_in(exc, "replicator/config.py", "_parse") and raised_in(exc, "yaml/constructor.py", "construct_yaml_int"):
-            return "BUG 3a"
-        if raised_in(exc, "replicator/durations.py", "parse_duration") or raised_in(exc, "replicator/durations.py", "parse_size"):
-            return "BUG 3b"
-        if raised_in(exc, "replicator/config.py", "_addr"):
-            return "BUG 3c"
-    if isinstance(exc, OverflowError) and raised_in(exc, "replicator/durations.py", "parse_duration"):
-        return "BUG 4"
-    if isinstance(exc, RecursionError) and raised_in(exc, "replicator/config.py", "_parse"):
-        return "BUG 11"
+    """The known, unfixed bug an exception belongs to, let through by the fuzz test; none
+    now (BUGs 2, 3, 4, 11 and 12 are fixed and kept below as regression tests)."""
     return None
 
 
@@ -402,7 +388,6 @@ def _expect_config_error(text: str) -> None:
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG 2: a NUL byte in a path crashes _check_overlaps (Path.resolve ValueError)")
 @pytest.mark.parametrize(
     "text",
     [
@@ -412,11 +397,10 @@ def _expect_config_error(text: str) -> None:
     ],
     ids=["path", "shadow-dir", "dir"],
 )
-def test_known_bug_nul_byte_in_a_path_is_a_config_error(text):
+def test_regression_nul_byte_in_a_path_is_a_config_error(text):
     _expect_config_error(text)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG 3: an integer of more than 4300 digits raises ValueError (int max str digits)")
 @pytest.mark.parametrize(
     "setting",
     [
@@ -426,19 +410,17 @@ def test_known_bug_nul_byte_in_a_path_is_a_config_error(text):
     ],
     ids=["yaml-int", "duration", "metrics-addr"],
 )
-def test_known_bug_huge_integers_are_a_config_error(setting):
+def test_regression_huge_integers_are_a_config_error(setting):
     _expect_config_error(setting + "\n" + BASE)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG 4: a duration too large for a float raises OverflowError")
 @pytest.mark.parametrize("setting", ['retention: "1' + "0" * 400 + 's"', "retention: 1" + "0" * 400], ids=["string", "yaml-int"])
-def test_known_bug_huge_durations_are_a_config_error(setting):
+def test_regression_huge_durations_are_a_config_error(setting):
     _expect_config_error(setting + "\n" + BASE)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="BUG 11: deeply nested YAML raises RecursionError from yaml.load, not ConfigError")
 @pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000, "dbs: " + "[" * 3000 + "]" * 3000, "retention: " + "{a: " * 3000 + "x" + "}" * 3000])
-def test_known_bug_deeply_nested_yaml_is_a_config_error(text):
+def test_regression_deeply_nested_yaml_is_a_config_error(text):
     _expect_config_error(text)
 
 
@@ -450,16 +432,14 @@ def _alias_bomb(levels: int) -> str:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG 12: errors repr() the offending value: YAML aliases expand exponentially into the message (~600 bytes of YAML give a 5.8 GB message)")
-def test_known_bug_an_alias_bomb_gives_a_short_error():
+def test_regression_an_alias_bomb_gives_a_short_error():
     text = _alias_bomb(6)  # 400 bytes; 9 levels would make a 5.8 GB message
     with pytest.raises(ConfigError) as caught:
         parse_config(text, environ={})
     assert len(str(caught.value)) < 10_000, f"a {len(text)}-byte config gave a {len(str(caught.value))}-character error"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG 2b: a file URL with %00 passes the config, then FileDriver raises ValueError (embedded null byte), not BadURL")
-def test_known_bug_nul_byte_in_a_file_url_is_refused():
+def test_regression_nul_byte_in_a_file_url_is_refused():
     from replicas import BadURL, open_driver
 
     try:

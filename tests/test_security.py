@@ -500,7 +500,6 @@ def test_dir_restore_does_not_follow_a_symlink_in_the_output(tmp_path):
     assert list(outside.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG 6: a generation id with the id's shape but no valid date makes `replicator generations` crash (ValueError traceback in keys.generation_time)")
 def test_a_replica_with_an_odd_generation_id_is_listed_or_refused_in_one_line(tmp_path):
     art, _ = snapshot_of(tmp_path)
     replica = tmp_path / "replica"
@@ -530,7 +529,6 @@ def _crafted_segment_replica(tmp_path: Path, page_size: int, pages, db_pages: in
     return replica
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG 7: a segment page number past the file-size limit makes restore crash with an OSError traceback (EFBIG from os.pwrite)")
 def test_a_crafted_page_number_is_a_one_line_error(tmp_path):
     replica = _crafted_segment_replica(tmp_path, 65536, [(2**32 - 2, bytes(65536))])
     out = tmp_path / "out" / "restored.db"
@@ -540,7 +538,6 @@ def test_a_crafted_page_number_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason="BUG 8: a segment claiming 2**31 database pages makes restore build a TiB sparse file and checksum it for hours")
 def test_a_crafted_database_size_is_refused_promptly(tmp_path):
     replica = _crafted_segment_replica(tmp_path, 4096, [], db_pages=2**31)
     out = tmp_path / "out" / "restored.db"
@@ -723,23 +720,11 @@ def _structured_warnings(log_text: str) -> list[dict]:
     return events
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 9: the drivers' warnings (skip-verify, ...) go to stdlib logging, which the agent never routes into "
-    "structlog: with --log-format json they come out as bare text lines without level or timestamp",
-)
 def test_s3_skip_verify_warning_is_a_structured_log_event(s3_skip_verify_log):
     lines = [line for line in s3_skip_verify_log.splitlines() if "verification is disabled" in line]
     assert any("verification is disabled" in json.dumps(e) for e in _structured_warnings(s3_skip_verify_log)), lines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 10: with skip-verify the agent's stderr gets urllib3's InsecureRequestWarning (two bare text lines) "
-    "for every S3 request, on top of the one warning the driver logs",
-)
 def test_s3_skip_verify_warns_once_not_per_request(s3_skip_verify_log):
     per_request = s3_skip_verify_log.count("InsecureRequestWarning")
     assert per_request == 0, f"{per_request} InsecureRequestWarning lines"

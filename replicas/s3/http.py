@@ -81,6 +81,11 @@ def pool_manager(
     tracker: ConnectionTracker,
 ) -> urllib3.PoolManager:
     """A pool with bounded timeouts and no hidden retries (RetryingDriver retries Transient errors)."""
+    if skip_verify:
+        # the driver warns once when it is opened; urllib3 would add a warning per request
+        import warnings
+
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
     manager = urllib3.PoolManager(
         num_pools=4,
         maxsize=POOL_SIZE,
