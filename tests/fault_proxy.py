@@ -1,5 +1,7 @@
 """A TCP proxy in front of a real test server, for fault tests: it forwards bytes unchanged and
-can cut connections (RST) at a chosen moment, slow them down, or answer nothing at all.
+can cut connections (RST) at a chosen moment, slow them down (a rate that can be changed or
+lifted while connections are open: throttle()), refuse every connection for a while
+(refuse() / admit()), or answer nothing at all.
 
 The servers stay real (rclone serve s3, sshd, nats-server); only the link between driver and
 server misbehaves, as a flaky network or a load balancer would.
@@ -22,6 +24,8 @@ class FaultProxy:
     def __init__(self, target_port: int, *, rate: float | None = None) -> None:
         self.target_port = target_port
         self.rate = rate  # bytes per second per direction of each connection, None: unlimited
+        self.refusing = False  # while True, every connection is reset at once (refuse())
+        self.refused = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.bytes = {UP: 0, DOWN: 0}
@@ -52,6 +56,21 @@ class FaultProxy:
         with self._lock:
             self._armed.clear()
 
+    def throttle(self, rate: float | None) -> None:
+        """Set the rate (bytes per second per direction of each connection; None lifts it).
+        Open connections follow the new rate from their next chunk on."""
+        self.rate = rate
+
+    def refuse(self) -> None:
+        """Fail every request from now on: reset the open connections and every new one
+        (a replica that is down behind a load balancer still accepting TCP)."""
+        self.refusing = True
+        self.cut()
+
+    def admit(self) -> None:
+        """Stop refusing: new connections go through again."""
+        self.refusing = False
+
     def close(self) -> None:
         self._closed.set()
         self.listener.close()
@@ -69,6 +88,11 @@ class FaultProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refusing:
+                with self._lock:
+                    self.refused += 1
+                _reset(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
@@ -124,11 +148,11 @@ class _Link:
         self.dead.set()
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        rate = self.proxy.rate
-        size = 65536 if rate is None else max(1024, min(65536, int(rate / 20)))
         try:
             src.settimeout(0.05)
             while not self.dead.is_set():
+                rate = self.proxy.rate  # read per chunk: throttle() applies to open connections
+                size = 65536 if rate is None else max(1024, min(65536, int(rate / 20)))
                 try:
                     data = src.recv(size)
                 except TimeoutError:
