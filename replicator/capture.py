@@ -131,6 +131,8 @@ class Capture:
         self.last_snapshot = time.monotonic()
         self.last_snapshot_time: float | None = None  # wall clock, for metrics
         self.snapshot_due = False
+        self._replaced = False  # the database file was deleted or replaced under us
+        self.generation_floor: str | None = None  # the newest generation id on any replica
         self._last_ckpt: tuple[tuple[int, int] | None, int] = (None, 0)  # (salts, frames) at the last checkpoint
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
@@ -193,10 +195,34 @@ class Capture:
         return h if h is not None and h.valid else None
 
     # -- resume -----------------------------------------------------------------------------
+    def _file_replaced(self) -> bool:
+        """True (and the database closed) when the path no longer names the file capture
+        has open: deleted, or replaced by another file renamed over it. The next step
+        opens the new file and starts a new generation; a missing one is "unavailable"."""
+        fd = self.sql.db_fd
+        if fd is None:
+            return False
+        try:
+            st = os.stat(self.cfg.path)
+        except FileNotFoundError:
+            st = None
+        mine = os.fstat(fd)
+        if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            return False
+        self.log.warning("database file deleted or replaced; a new generation starts when it is back",
+                         path=str(self.cfg.path), deleted=st is None)
+        self.close()
+        self._replaced = True
+        return True
+
     def _resume(self) -> None:
         state = self.shadow.load_state()
         if state is None:
             self.start_generation("initial")
+            return
+        if self._replaced:
+            self._replaced = False
+            self.start_generation("database-replaced")
             return
         if self._key_changed(state):
             # a generation must be restorable with one key: never mix two in one
@@ -341,6 +367,8 @@ class Capture:
         if not self.open():
             return 0
         assert self.state is not None
+        if self._file_replaced():
+            return 0
         view = self.sql.index.read()
         if view is not None and not self.sql.pinned and view.mx_frame > view.n_backfill:
             view = self.sql.pin()
@@ -747,7 +775,14 @@ class Capture:
             for f in frames:
                 overlay[f.pgno] = f.index
             now = self.clock()
-            generation = keys.new_generation_id(now)
+            # a new generation must sort after the previous one even when the wall clock
+            # stepped back: restore and retention take the newest id as the latest
+            stamp = now
+            previous = self.state.generation if self.state is not None else None
+            for newest in (previous, self.generation_floor):
+                if newest is not None and keys.is_generation_id(newest):
+                    stamp = max(stamp, keys.generation_time(newest) + 2e-6)
+            generation = keys.new_generation_id(stamp)
             writer = SnapshotWriter(
                 generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
                 encryption_key=self.encryption_key,

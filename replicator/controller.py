@@ -57,6 +57,7 @@ class DatabaseReplicator:
         self.shadow_full = False
         self._wake = threading.Event()
         self._woken = False  # the last wait ended with a change event
+        self._error_kind: tuple | None = None  # the failure last logged
         self.events = False  # change events wake this database (set by the agent)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,6 +99,8 @@ class DatabaseReplicator:
         for key in existing:
             self._remember(key)
         state = self.capture.shadow.load_state()
+        if state is None:
+            self._find_generation_floor()
         for s in self.shippers:
             s.load(existing, state.generation if state is not None else None)
             s.start()
@@ -105,6 +108,21 @@ class DatabaseReplicator:
         self._owe_snapshot_to_new_replicas()
         self._thread = threading.Thread(target=self._run, name=f"capture-{self.cfg.path.name}", daemon=True)
         self._thread.start()
+
+    def _find_generation_floor(self) -> None:
+        """Without a shadow state (a new node, or a shadow directory removed), the first
+        generation must still sort after every generation the replicas hold, even if this
+        node's clock is behind theirs: restore and retention take the newest id as latest."""
+        newest = None
+        for s in self.shippers:
+            try:
+                for info in s.driver.list(keys.GENERATIONS + "/"):
+                    k = keys.parse_key(info.key)
+                    if k is not None and (newest is None or k.generation > newest):
+                        newest = k.generation
+            except Exception as e:  # unreachable now: its shipper reports it
+                self.log.debug("cannot list replica for its newest generation", replica=s.name, error=str(e))
+        self.capture.generation_floor = newest
 
     def _initial_snapshot_time(self) -> None:
         """After a restart, the last snapshot is the newest one of the generation on any replica
@@ -170,9 +188,12 @@ class DatabaseReplicator:
             return base
         return min(base * self.IDLE_POLL_FACTOR, base * (2 ** min(idle_steps, 10)))
 
+    RECHECKS = (0.002, 0.01, 0.05)  # after an event that found nothing to capture
+
     def _run(self) -> None:
         backoff = 0.0
         idle_steps = 0
+        rechecks = 0  # short re-steps left after an event that found no new commit
         while True:
             stopping = self._stop.is_set()
             try:
@@ -180,6 +201,13 @@ class DatabaseReplicator:
                 if self._has_room():
                     captured = self.capture.step()
                 idle_steps = 0 if captured or self._woken else idle_steps + 1
+                # a change event can arrive before SQLite has published the commit in the
+                # WAL index (it writes the frames, fsyncs, then updates the index): look
+                # again a few times soon instead of waiting for the safety poll
+                if captured:
+                    rechecks = 0
+                elif self._woken:
+                    rechecks = len(self.RECHECKS)
                 if not stopping and not self.shadow_full:
                     self.capture.maybe_checkpoint()
                     self.capture.maybe_snapshot()
@@ -187,19 +215,33 @@ class DatabaseReplicator:
                 if self.last_error is not None:
                     self.log.info("capture recovered")
                 self.last_error = None
+                self._error_kind = None
                 backoff = 0.0
             except Exception as e:  # keep the agent alive; the next step retries from the durable position
                 msg = f"{type(e).__name__}: {e}"
                 metrics.CAPTURE_ERRORS.labels(db=str(self.cfg.path)).inc()
-                if msg != self.last_error:
+                # say it once: the same kind of failure (a new generation id in each message
+                # must not make it new)
+                kind = (type(e).__name__, getattr(e, "errno", None) or msg)
+                if kind != self._error_kind:
                     self.log.error("capture failed; will retry", error=msg)
+                self._error_kind = kind
                 self.last_error = msg
                 self.capture.close()
                 backoff = min(5.0, max(0.1, backoff * 2))
             if stopping:
                 return
             stepped = time.monotonic()
-            self._woken = self._wake.wait(backoff or self._safety_poll(idle_steps))
+            if backoff:
+                # a failing step backs off whatever the app commits meanwhile (change
+                # events would turn the backoff into a retry storm)
+                self._stop.wait(backoff)
+                self._woken = False
+            elif rechecks:
+                self._woken = self._wake.wait(self.RECHECKS[len(self.RECHECKS) - rechecks])
+                rechecks -= 1
+            else:
+                self._woken = self._wake.wait(self._safety_poll(idle_steps))
             self._wake.clear()
             # coalesce: a commit after a quiet spell is captured at once, but under load
             # capture steps (and so segments) are at least sync-interval apart
@@ -239,8 +281,7 @@ class DatabaseReplicator:
             self.capture.shadow.remove(key.key)
 
     def data_loss_window(self) -> dict[str, float]:
-        now = time.time()
-        return {s.name: s.data_loss_window(now) for s in self.shippers}
+        return {s.name: s.data_loss_window() for s in self.shippers}
 
     def run_drills(self) -> None:
         """Restore-drill every replica (verify-interval) and record the verdicts."""
@@ -269,7 +310,7 @@ class DatabaseReplicator:
         is back within it."""
         threshold = self.cfg.data_loss_window_threshold
         for s in self.shippers:
-            window = s.data_loss_window(now)
+            window = s.data_loss_window()
             behind = window > threshold
             if behind and not s.behind_threshold:
                 s.log.warning(

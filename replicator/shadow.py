@@ -128,7 +128,9 @@ class PageHashes:
         size = self.HEADER + capacity * 8
         with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
             if os.fstat(f.fileno()).st_size < size:
-                f.truncate(size)
+                # allocate the blocks now: a sparse file on a full filesystem would kill the
+                # process with SIGBUS at the first store through the map
+                os.posix_fallocate(f.fileno(), 0, size)
         self._mm = np.memmap(self.path, dtype="<u8", mode="r+", offset=self.HEADER, shape=(capacity,))
         self._capacity = capacity
 
@@ -281,17 +283,20 @@ class ShadowLog:
     def write(self, key: str, artefact: EncodedArtefact) -> int:
         """Write an artefact durably under key; returns its size."""
         path = self.path_of(key)
-        dirfd = self._dir_fd(path.parent)
-        fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
         try:
-            artefact.write_to(_FdWriter(fd))
-            os.fdatasync(fd)
-        except BaseException:
+            dirfd = self._dir_fd(path.parent)
+            fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+            try:
+                artefact.write_to(_FdWriter(fd))
+                os.fdatasync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(path.name, dir_fd=dirfd)
+                raise
             os.close(fd)
-            os.unlink(path.name, dir_fd=dirfd)
-            raise
-        os.close(fd)
-        os.fsync(dirfd)
+            os.fsync(dirfd)
+        except OSError as e:  # say where: "No space left on device" alone names nothing
+            raise OSError(e.errno, f"shadow directory {self.root}: cannot write {key}: {e.strerror or e}") from None
         return artefact.size
 
     def _dir_fd(self, directory: Path) -> int:

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from replicas import Driver, StorageError
@@ -30,6 +30,14 @@ class Pending:
     key: keys.ArtefactKey
     first_commit_time: float
     size: int
+    # the same moment on the monotonic clock, so the data-loss window survives the wall
+    # clock stepping back (it would read 0 while a replica is down)
+    first_commit_mono: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.first_commit_mono:
+            age = max(0.0, time.time() - self.first_commit_time)
+            object.__setattr__(self, "first_commit_mono", time.monotonic() - age)
 
 
 class ReplicaShipper:
@@ -146,8 +154,10 @@ class ReplicaShipper:
         with self._cond:
             if not self.pending:
                 return 0.0
-            oldest = self.pending[0].first_commit_time
-        return max(0.0, (now if now is not None else self.clock()) - oldest)
+            oldest = self.pending[0]
+        if now is not None:  # a caller's own clock (tests)
+            return max(0.0, now - oldest.first_commit_time)
+        return max(0.0, time.monotonic() - oldest.first_commit_mono)
 
     def pending_bytes(self) -> int:
         with self._cond:
@@ -198,9 +208,13 @@ class ReplicaShipper:
                         if not self._stop:
                             self._cond.wait(self.sync_interval)
             else:
-                delay = min(30.0, max(0.2, delay * 2))
+                delay = min(10.0, max(0.2, delay * 2))
+                # back off for the whole delay: offer() notifies at every new artefact,
+                # which must not turn the backoff into a retry storm
+                until = time.monotonic() + delay * (0.5 + random.random() / 2)
                 with self._cond:
-                    self._cond.wait(delay * (0.5 + random.random() / 2))
+                    while not self._stop and (left := until - time.monotonic()) > 0:
+                        self._cond.wait(left)
 
     def upload(self, item: Pending) -> bool:
         """Upload one artefact; True on success (it is then removed from the queue)."""

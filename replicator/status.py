@@ -25,7 +25,7 @@ def database_status(d: "DatabaseReplicator", now: float) -> dict[str, Any]:
     threshold = d.cfg.data_loss_window_threshold
     replicas = []
     for s in d.shippers:
-        window = s.data_loss_window(now)
+        window = s.data_loss_window()
         generation, txid = s.position if s.position is not None else (None, None)
         replicas.append(
             {

@@ -295,13 +295,6 @@ def test_full_shadow_filesystem_recovers_without_help(full_shadow):
     assert len(started) >= 2 and all(e.get("reason") for e in started)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: capture retries at every change event while it fails: DatabaseReplicator._run waits its"
-    " backoff on the change-event flag (self._wake.wait(backoff)), so each commit of the app ends the"
-    " backoff and retries at once (each retry reopens both SQLite connections and, continuity being"
-    " unprovable after capture.close(), tries a full snapshot)",
-)
 def test_full_shadow_filesystem_retries_with_backoff(full_shadow):
     # ~6 s full while the app commits 20 times a second; a backoff of 0.1 s doubling to 5 s
     # allows about 7 attempts
@@ -356,36 +349,16 @@ def test_unwritable_shadow_directory_recovers_without_help(locked_shadow):
     assert seen["stop"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a capture failure that lasts is logged at every attempt, and attempts come at every"
-    " commit of the app (DatabaseReplicator._run waits its backoff on the change-event flag); each"
-    " attempt also starts a new generation (the resume after capture.close() cannot prove continuity),"
-    " whose new id is in the error text, so the once-per-distinct-error rule never applies",
-)
 def test_unwritable_shadow_directory_is_reported_once(locked_shadow):
     failed = _named(locked_shadow["log"], "capture failed; will retry")
     assert len(failed) <= 8, f"{len(failed)} 'capture failed' lines in about 3 s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ENOSPC on the shadow directory does not say where: ShadowLog.write (os.write on an fd"
-    " opened relative to a directory fd) raises OSError without a file name, and"
-    " DatabaseReplicator._run logs str(e): 'OSError: [Errno 28] No space left on device'",
-)
 def test_full_shadow_filesystem_error_names_the_directory(full_shadow):
     failed = _named(full_shadow["log"], "capture failed; will retry")[0]
     assert str(full_shadow["shadow"]) in failed["error"], failed["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the agent dies of SIGBUS when the shadow filesystem is full and the page-hash table"
-    " must grow: PageHashes._map extends the file with ftruncate (sparse) and writes through np.memmap;"
-    " the page fault on a hole that cannot be allocated kills the process (no log line), and at the next"
-    " start the replay in Capture._load_hashes faults again: a crash loop until space is freed",
-)
 def test_full_shadow_filesystem_when_the_page_hash_table_must_grow(tmp_path):
     db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "agent.log"
     with tmpfs(tmp_path / "shadow", "2m") as shadow:
@@ -463,13 +436,6 @@ def test_unwritable_replica_directory_fails_clearly_and_recovers(locked_replica)
     assert seen["recovered"] and seen["stop"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failing replica is retried at every commit of the app, not with backoff:"
-    " ReplicaShipper._run waits its backoff on self._cond, which offer() notifies for every new"
-    " artefact; the delay still doubles at each failure, so it reaches the 30 s cap within a second"
-    " and, once the app pauses, a replica fixed meanwhile waits up to 30 s",
-)
 def test_unwritable_replica_is_retried_with_backoff(locked_replica):
     # backoff from 0.2 s doubling (with jitter 0.5..1): about 5 attempts in 3 s
     assert locked_replica["failures_while_locked"] <= 10, (
@@ -511,13 +477,6 @@ def _no_mix_and_same_as_source(tmp_path, db, replica, log, agent, generations_be
     _restore_equals_source(tmp_path, replica, db)  # the new database
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the agent keeps its connections and raw fd on the deleted database's inode"
-    " (SqliteAccess.open opens once; Capture.step never compares os.stat(path) with the open file):"
-    " it misses what the app's own connections checkpoint into the new file, and a rotation"
-    " snapshots the old, deleted file under the new WAL's frames (a generation mixing both)",
-)
 def test_database_deleted_and_recreated_by_the_app(tmp_path):
     db, replica, log, _, agent = _replicating(tmp_path)
     try:
@@ -535,13 +494,6 @@ def test_database_deleted_and_recreated_by_the_app(tmp_path):
             agent.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a database file renamed over the replicated one is not noticed: the agent stays on"
-    " the old inode (SqliteAccess keeps its connections and db_fd; nothing compares the path's"
-    " inode); the app's new WAL then looks like a WAL reset, and the new generation is a snapshot"
-    " of the old file under the new file's WAL frames",
-)
 def test_database_replaced_by_another_file(tmp_path):
     db, replica, log, _, agent = _replicating(tmp_path)
     try:
@@ -600,13 +552,6 @@ for i in range(int(sys.argv[2])):
 '''
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a commit is captured only at the next poll (monitor-interval, 1 s) when the app's"
-    " fsync is slow: the -wal write's inotify event wakes capture before SQLite has synced the WAL and"
-    " published the commit in the WAL-index header; Capture.step finds nothing new and"
-    " DatabaseReplicator._run waits for the next event, which does not come",
-)
 def test_commit_on_a_slow_fsync_is_captured_at_once(tmp_path):
     """An isolated commit (after a quiet spell) is captured within milliseconds, as the docs
     say, also when the app's disk takes 50 ms to fsync (synchronous=FULL is SQLite's
@@ -830,13 +775,6 @@ def test_clock_behind_after_a_restart_keeps_the_generation(tmp_path):
     assert not (tmp_path / "x.db").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: generation ids come from the wall clock (keys.new_generation_id(time.time())) and"
-    " restore_plan._choose_generation takes the newest id as the latest: a generation started while"
-    " the clock is behind sorts before the older one, so a latest restore (and bootstrap) returns the"
-    " old generation; retention likewise treats the live generation as an old one",
-)
 def test_new_generation_with_the_clock_behind_is_the_latest(tmp_path):
     db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "agent.log"
     clock = Clock(tmp_path)
@@ -860,12 +798,6 @@ def test_new_generation_with_the_clock_behind_is_the_latest(tmp_path):
     assert [g["generation"] for g in _generations(replica)][-1] == second, "the new generation is not listed as the newest"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the data-loss window is wall-clock arithmetic (ReplicaShipper.data_loss_window:"
-    " max(0, time.time() - first_commit_time)); after the clock steps back it reads 0 for as long as"
-    " the step, hides a replica that is down, and logs 'data-loss window back within threshold'",
-)
 def test_clock_step_back_keeps_the_data_loss_window(tmp_path):
     db, good, down, log = tmp_path / "app.db", tmp_path / "good", tmp_path / "down", tmp_path / "agent.log"
     clock = Clock(tmp_path)

@@ -491,13 +491,6 @@ def test_s3_failing_every_request_for_an_outage(s3_refusing):
     assert "replica recovered" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failing replica is retried at every commit of the app, not with backoff:"
-    " ReplicaShipper._run waits its backoff on self._cond, which offer() notifies for every new"
-    " artefact (here ~20 PUT attempts a second, each retried 3 times by RetryingDriver, against a"
-    " server that is down)",
-)
 def test_s3_failing_every_request_is_retried_with_backoff(s3_refusing):
     # the shipper's backoff (0.2 s doubling to 30 s, jitter 0.5..1) allows about
     # log2(OUTAGE / 0.1) attempts during the outage; RetryingDriver makes each up to 3 requests
