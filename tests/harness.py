@@ -206,3 +206,24 @@ def write_config(path: Path, db: Path, replica_url: str, **extra) -> Path:
         lines.append(f"{k.replace('_', '-')}: {v}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, also for error statuses (e.g. /readyz answering 503)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

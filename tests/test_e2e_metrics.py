@@ -7,26 +7,13 @@ import json
 import re
 import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import server_s3
 from harness import AgentProcess, cli, integrity, rows, start_writer, wait_for, write
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+from harness import free_port as _free_port, http_get as _get  # noqa: E402
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
