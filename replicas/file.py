@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -30,7 +31,7 @@ from .errors import (
     StorageError,
     Transient,
 )
-from .keys import TEMP_NAME, validate_key, validate_prefix
+from .keys import STALE_TEMP_SECONDS, TEMP_NAME, validate_key, validate_prefix
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,13 @@ class FileDriver(Driver):
     def _walk(self, directory: str, rel: str, name_prefix: str) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(directory) as it:
-                entries = [e for e in it if e.name.startswith(name_prefix)]
+                entries = list(it)
         except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
             raise self._error(exc, "list", rel) from exc
+        self._sweep_stale_temps(entries)
+        entries = [e for e in entries if e.name.startswith(name_prefix)]
         # Sorting a directory as name + '/' makes the depth-first walk come out in key order.
         listed = []
         for entry in entries:
@@ -207,6 +210,19 @@ class FileDriver(Driver):
             except FileNotFoundError:
                 continue  # deleted while listing
             yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _sweep_stale_temps(self, entries: list[os.DirEntry]) -> None:
+        """Remove temporary files a day old: their put is over (its agent was killed mid-put)."""
+        too_old = time.time() - STALE_TEMP_SECONDS
+        for entry in entries:
+            if not TEMP_NAME.match(entry.name):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old:
+                    os.unlink(entry.path)
+                    log.info("%s: removed %s, a temporary file left by a put that never finished", self.url, entry.path)
+            except OSError:
+                pass  # gone already, or a read-only replica: leave it
 
     @contextlib.contextmanager
     def _mapped(self, action: str, key: str) -> Iterator[None]:

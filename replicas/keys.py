@@ -14,6 +14,7 @@ MAX_KEY_BYTES = 1024
 """Longest key accepted, in UTF-8 bytes (the S3 limit)."""
 
 TEMP_NAME = re.compile(r"^\..*\.tmp-[0-9a-f]{16}$", re.DOTALL)
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary file this old belongs to a put that is over
 """Names the file driver gives its temporary files; reserved so keys stay portable."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc

@@ -575,6 +575,21 @@ def test_file_ignores_temp_files_empty_dirs_and_symlinks(tmp_path: Path) -> None
     assert sorted(os.listdir(outside)) == ["secret"]
 
 
+def test_file_listing_sweeps_temporary_files_a_day_old(tmp_path: Path) -> None:
+    """An agent killed mid-put leaves its temporary file; a day later a listing removes it."""
+    root = tmp_path / "r"
+    drv = open_driver(str(root))
+    drv.put("a/real", b"1")
+    old = root / "a" / ".real.tmp-00000000000000aa"
+    fresh = root / "a" / ".real.tmp-00000000000000bb"
+    old.write_bytes(b"cut")
+    fresh.write_bytes(b"in progress")
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(old, (day_ago, day_ago))
+    assert keys_of(drv, "a/") == ["a/real"]
+    assert not old.exists() and fresh.exists()
+
+
 def test_file_put_leaves_no_temp_files(tmp_path: Path) -> None:
     root = tmp_path / "r"
     drv = open_driver(str(root))

@@ -374,13 +374,6 @@ def test_sshd_killed_during_an_upload_and_restarted(sshd_killed):
     assert "replica recovered" in sshd_killed["log"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an sftp upload cut by a lost connection (once the driver's own resumes, < 2 s, are"
-    " spent) leaves its temporary file (what was written, here ~7 MiB) on the server for good:"
-    " Uploader._abandon skips the cleanup on a broken session, the retried put writes a new"
-    " temporary file, and nothing (not retention, which lists only keys) removes the old one",
-)
 def test_sshd_killed_during_an_upload_leaves_no_temporary_file(sshd_killed):
     leftovers = [name for name in sshd_killed["left"] if name in sshd_killed["cut"]]
     assert not leftovers, f"the cut upload's temporary file is still on the server: {leftovers}"

@@ -301,6 +301,22 @@ def test_temp_files_symlinks_and_odd_names_are_not_listed(sshd, root: Path, tmp_
         assert (root / "empty").is_dir()
 
 
+def test_listing_sweeps_temporary_files_a_day_old(sshd, root: Path) -> None:
+    """An agent killed mid-put leaves its temporary file; a day later a listing removes it
+    (a fresh one may belong to a put in progress, and stays)."""
+    with sshd.driver(root) as drv:
+        drv.put("a/real", b"1")
+        old = root / "a" / ".real.tmp-00000000000000aa"
+        fresh = root / "a" / ".real.tmp-00000000000000bb"
+        old.write_bytes(b"cut")
+        fresh.write_bytes(b"in progress")
+        day_ago = time.time() - 24 * 3600 - 60
+        os.utime(old, (day_ago, day_ago))
+        assert listing(drv) == ["a/real"]
+        assert not old.exists()
+        assert fresh.exists()
+
+
 def test_non_utf8_names_are_skipped(sshd, root: Path) -> None:
     with sshd.driver(root) as drv:
         drv.put("ok", b"1")

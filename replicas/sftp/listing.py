@@ -1,12 +1,15 @@
 """Listing: a depth-first walk of the remote directories, in key order.
 
-Symlinks are not objects (skipped), nor are the temporary files of unfinished puts.
+Symlinks are not objects (skipped), nor are the temporary files of unfinished puts. A
+temporary file a day old belongs to a put that is over (an agent killed mid-upload): the
+walk removes it, best effort (a read-only login just leaves it).
 """
 
 from __future__ import annotations
 
 import logging
 import stat
+import time
 from collections.abc import Iterator
 
 from paramiko.sftp import (
@@ -14,6 +17,7 @@ from paramiko.sftp import (
     CMD_NAME,
     CMD_OPENDIR,
     CMD_READDIR,
+    CMD_REMOVE,
     SFTP_EOF,
     SFTP_NO_SUCH_FILE,
     SFTPError,
@@ -22,7 +26,7 @@ from paramiko.sftp_attr import SFTPAttributes
 
 from ..base import ObjectInfo
 from ..errors import InvalidKey
-from ..keys import TEMP_NAME, validate_key
+from ..keys import STALE_TEMP_SECONDS, TEMP_NAME, validate_key
 from .pool import SessionPool
 from .protocol import Status
 
@@ -32,13 +36,23 @@ log = logging.getLogger("replicas.sftp")
 def walk(pool: SessionPool, directory: str, rel: str, name_prefix: str) -> Iterator[ObjectInfo]:
     """Objects below directory (whose key starts with rel) whose name starts with name_prefix."""
     listed = []
+    stale = []
+    too_old = time.time() - STALE_TEMP_SECONDS
     for name, attrs in listdir(pool, directory, rel):
-        if not name.startswith(name_prefix) or attrs.st_mode is None:
+        if attrs.st_mode is None:
+            continue
+        if stat.S_ISREG(attrs.st_mode) and TEMP_NAME.match(name):
+            if attrs.st_mtime is not None and attrs.st_mtime < too_old:
+                stale.append(f"{directory.rstrip('/')}/{name}")
+            continue
+        if not name.startswith(name_prefix):
             continue
         if stat.S_ISDIR(attrs.st_mode):
             listed.append((name + "/", name, None))
-        elif stat.S_ISREG(attrs.st_mode) and not TEMP_NAME.match(name):
+        elif stat.S_ISREG(attrs.st_mode):
             listed.append((name, name, attrs))
+    if stale:
+        remove_stale(pool, stale)
     # Sorting a directory as name + '/' makes the depth-first walk come out in key order.
     listed.sort(key=lambda entry: entry[0])
     for _token, name, attrs in listed:
@@ -52,6 +66,21 @@ def walk(pool: SessionPool, directory: str, rel: str, name_prefix: str) -> Itera
             log.warning("skipping file with an invalid key name in %s: %r", pool.url, key)
             continue
         yield ObjectInfo(key, attrs.st_size or 0, float(attrs.st_mtime or 0))
+
+
+def remove_stale(pool: SessionPool, paths: list[str]) -> None:
+    """Remove the temporary files of puts long over; failures are only logged."""
+    try:
+        with pool.session() as session:
+            for path in paths:
+                try:
+                    session.call(CMD_REMOVE, path)
+                    log.info("%s: removed %s, a temporary file left by an upload that never finished", pool.url, path)
+                except Status as status:
+                    if status.code != SFTP_NO_SUCH_FILE:
+                        log.info("%s: cannot remove the stale temporary file %s: %s", pool.url, path, status.text)
+    except Exception as exc:  # noqa: BLE001 - the listing itself goes on (and reports its own errors)
+        log.info("%s: cannot remove stale temporary files: %s", pool.url, exc)
 
 
 def listdir(pool: SessionPool, directory: str, rel: str) -> list[tuple[str, SFTPAttributes]]:

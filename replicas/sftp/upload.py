@@ -5,6 +5,10 @@ A put streams to ``.<name>.tmp-<16 hex>`` in the target directory (never listed)
 posix-rename@openssh.com, so readers see the old object or the new one. ``if_absent``
 links the temporary file with hardlink@openssh.com, which fails if the key exists. A
 dropped connection mid-write resumes the temporary file (see _Transfer).
+
+A put that fails on a connection that is gone cannot remove its temporary file then; the
+uploader remembers it and removes it on the next put that reaches the server. The temporary
+files of an agent killed mid-put are swept by listing once they are a day old (listing.py).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Uploader:
         self.pool = pool
         self.url = pool.url
         self.no_fsync = False
+        self.orphans: set[str] = set()  # temporary files a broken connection kept us from removing
 
     def put(
         self,
@@ -84,6 +89,22 @@ class Uploader:
             transfer.release()
         modified = attrs.st_mtime if attrs.st_mtime is not None else time.time()
         return ObjectInfo(key, transfer.written, float(modified))
+
+    def sweep_orphans(self, session: Session) -> None:
+        """Remove the temporary files of puts that failed with their connection (best effort)."""
+        for tmp in list(self.orphans):
+            if session.broken:
+                return
+            try:
+                session.call(CMD_REMOVE, tmp)
+            except Status as status:
+                if status.code != SFTP_NO_SUCH_FILE:
+                    continue  # keep it; a later put tries again
+            except Exception:  # noqa: BLE001 - the put that follows reports the connection's state
+                session.broken = True
+                return
+            self.orphans.discard(tmp)
+            log.info("%s: removed %s, left by an upload cut with its connection", self.url, tmp)
 
     def _create_temp(self, session: Session, directory: str, name: str, key: str) -> tuple[bytes, str]:
         short = name.encode()[:128].decode(errors="ignore")  # keep the temp name short
@@ -189,7 +210,9 @@ class Uploader:
     def _abandon(self, session: Session, inflight: Iterable[int], handle: bytes | None, tmp: str | None) -> None:
         """After a failed put: collect the replies, close and remove the temporary file."""
         if session.broken:
-            return  # the connection is gone: the temporary file stays (it is never listed)
+            if tmp is not None:
+                self.orphans.add(tmp)  # the next put on a working connection removes it
+            return
         try:
             for num in inflight:
                 with contextlib.suppress(Status):
@@ -202,6 +225,8 @@ class Uploader:
                     session.call(CMD_REMOVE, tmp)
         except BaseException:  # noqa: BLE001 - the put's own error is what the caller gets
             session.broken = True  # leave it to the pool to throw away
+            if tmp is not None:
+                self.orphans.add(tmp)
 
 
 class _Source:
@@ -275,6 +300,8 @@ class _Transfer:
     def run(self) -> SFTPAttributes:
         """Write the whole temporary file, fsync and close it; its attributes."""
         self.session = self.pool.borrow()
+        if self.uploader.orphans:
+            self.uploader.sweep_orphans(self.session)
         directory, name = posixpath.split(self.path)
         self.handle, self.tmp = self.uploader._create_temp(self.session, directory, name, self.key)
         while True:
@@ -384,7 +411,9 @@ class _Transfer:
     def abandon(self, exc: BaseException) -> None:
         """After a failure: clean up what the server still has, if it can be reached."""
         session = self.session
-        if session is None:
+        if session is None:  # lost while resuming: no connection to clean up with
+            if self.tmp is not None:
+                self.uploader.orphans.add(self.tmp)
             return
         if not isinstance(exc, Exception):  # e.g. KeyboardInterrupt mid-reply
             session.broken = True
