@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -47,6 +48,11 @@ class FileDriver(Driver):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.realpath(os.path.abspath(os.fspath(root)))
         self.url = "file://" + urllib.parse.quote(self.root)
+        # descriptors of the directories puts went to lately, each checked to be a real
+        # directory below the root when opened: a put creates, fsyncs and renames relative
+        # to it (no path resolution, mkdir or directory open per put)
+        self._dirs: dict[str, int] = {}
+        self._dirs_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> FileDriver:
@@ -77,32 +83,33 @@ class FileDriver(Driver):
         progress: Callable[[int], None] | None = None,
         if_absent: bool = False,
     ) -> ObjectInfo:
-        path = self._path(validate_key(key))
-        directory, name = os.path.split(path)
-        fd, tmp = self._create_temp(directory, name, key)
+        validate_key(key)
+        directory, _, name = key.rpartition("/")
+        dirfd, fd, tmp = self._create_temp(directory, name, key)
         try:
-            with os.fdopen(fd, "wb") as out:
+            try:
                 for chunk in iter_chunks(data, key=key, size=size, progress=progress):
                     with self._mapped("write", key):
-                        out.write(chunk)
+                        _write_all(fd, chunk)
                 with self._mapped("write", key):
-                    out.flush()
-                    os.fsync(out.fileno())
-                    st = os.fstat(out.fileno())
+                    os.fsync(fd)
+                    st = os.fstat(fd)
+            finally:
+                os.close(fd)
             with self._mapped("write", key):
                 if if_absent:
                     try:
-                        os.link(tmp, path)  # atomic: fails if path exists
+                        os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)  # atomic: fails if name exists
                     except FileExistsError:
                         raise PreconditionFailed(f"{self.url}: {key!r} already exists", key=key) from None
                 else:
-                    os.replace(tmp, path)
+                    os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
                     tmp = ""
-                _fsync_dir(directory)
+                os.fsync(dirfd)
         finally:
             if tmp:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dirfd)
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> BinaryIO:
@@ -157,6 +164,7 @@ class FileDriver(Driver):
                 os.rmdir(directory)
             except OSError:
                 break  # not empty (or gone): stop
+            self._forget_dir(os.path.relpath(directory, self.root).replace(os.sep, "/"))
             directory = os.path.dirname(directory)
 
     def _path(self, key: str) -> str:
@@ -165,18 +173,57 @@ class FileDriver(Driver):
             raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
         return path
 
-    def _create_temp(self, directory: str, name: str, key: str) -> tuple[int, str]:
+    def _create_temp(self, directory: str, name: str, key: str) -> tuple[int, int, str]:
+        """(the directory's descriptor, the new temporary file's descriptor, its name)."""
         short = name.encode()[:128].decode(errors="ignore")  # keep the temp name short
         for _ in range(8):
-            tmp = os.path.join(directory, f".{short}.tmp-{secrets.token_hex(8)}")
+            tmp = f".{short}.tmp-{secrets.token_hex(8)}"
             try:
-                _makedirs(directory)
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+                dirfd = self._dir_fd(directory, key)
+                return dirfd, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dirfd), tmp
             except FileNotFoundError:
-                continue  # a concurrent delete pruned the directory: make it again
+                self._forget_dir(directory)  # a delete pruned the directory: make it again
+                continue
             except OSError as exc:
                 raise self._error(exc, "write", key) from exc
         raise Transient(f"{self.url}: directory for {key!r} keeps disappearing", key=key)
+
+    def _dir_fd(self, directory: str, key: str) -> int:
+        """A descriptor of the directory (a key's folder, "" for the root), made if missing
+        and checked to resolve to itself (no symlink on the way), cached."""
+        with self._dirs_lock:
+            fd = self._dirs.get(directory)
+            if fd is not None:
+                return fd
+        path = os.path.join(self.root, *directory.split("/")) if directory else self.root
+        if os.path.realpath(path) != path:
+            raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
+        _makedirs(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if os.path.realpath(path) != path:  # swapped for a symlink meanwhile
+            os.close(fd)
+            raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
+        with self._dirs_lock:
+            if directory in self._dirs:  # another thread opened it meanwhile
+                os.close(fd)
+                return self._dirs[directory]
+            while len(self._dirs) >= 8:
+                os.close(self._dirs.pop(next(iter(self._dirs))))
+            self._dirs[directory] = fd
+        return fd
+
+    def _forget_dir(self, directory: str) -> None:
+        with self._dirs_lock:
+            fd = self._dirs.pop(directory, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._dirs_lock:
+            fds = list(self._dirs.values())
+            self._dirs.clear()
+        for fd in fds:
+            os.close(fd)
 
     def _walk(self, directory: str, rel: str, name_prefix: str) -> Iterator[ObjectInfo]:
         try:
@@ -284,6 +331,12 @@ def _makedirs(directory: str) -> None:
         except FileExistsError:
             return
     _fsync_dir(os.path.dirname(directory))
+
+
+def _write_all(fd: int, chunk: bytes | memoryview) -> None:
+    view = memoryview(chunk).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(directory: str) -> None:

@@ -48,6 +48,8 @@ class MetricsDriver(Driver):
         self.capabilities = inner.capabilities  # type: ignore[misc]
         self.url = inner.url
         self._labels = {"db": db, "replica": replica}
+        self._seconds: dict[str, object] = {}
+        self._uploaded = UPLOADED_BYTES.labels(**self._labels)
 
     def _measure(self, operation: str, call: Callable[[], T]) -> T:
         started = time.perf_counter()
@@ -60,7 +62,10 @@ class MetricsDriver(Driver):
             OPERATION_ERRORS.labels(operation=operation, kind="other", **self._labels).inc()
             raise
         finally:
-            OPERATION_SECONDS.labels(operation=operation, **self._labels).observe(time.perf_counter() - started)
+            seconds = self._seconds.get(operation)
+            if seconds is None:  # labels() is a lock and a dict lookup: once per operation
+                seconds = self._seconds[operation] = OPERATION_SECONDS.labels(operation=operation, **self._labels)
+            seconds.observe(time.perf_counter() - started)
 
     def put(
         self,
@@ -72,7 +77,7 @@ class MetricsDriver(Driver):
         if_absent: bool = False,
     ) -> ObjectInfo:
         info = self._measure("put", lambda: self.inner.put(key, data, size=size, progress=progress, if_absent=if_absent))
-        UPLOADED_BYTES.labels(**self._labels).inc(info.size)
+        self._uploaded.inc(info.size)
         return info
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> BinaryIO:

@@ -636,6 +636,11 @@ class _Spool:
         if self._file is not None:
             self._file.flush()
 
+    def memory(self) -> bytearray:
+        """The payload when it is held in memory (not spilled)."""
+        assert self._file is None
+        return self._mem
+
     def readinto(self, offset: int, buf: memoryview) -> int:
         """Copy bytes at offset into buf; independent of any other reader."""
         if self.closed:
@@ -721,6 +726,12 @@ class EncodedArtefact:
             f.write(buf[:n])
             off += n
 
+    def in_memory(self) -> bytes | None:
+        """The whole artefact as bytes when its payload is held in memory, else None."""
+        if self._spool.spilled or self._spool.closed:
+            return None
+        return self.prefix + self._spool.memory()
+
     def open(self) -> BinaryIO:
         """A seekable readable stream of the whole artefact; valid until close()."""
         return io.BufferedReader(_ArtefactStream(self.prefix, self._spool), _COPY_CHUNK)  # type: ignore[return-value]
@@ -776,6 +787,7 @@ class _Writer:
         threads: int = 0,
         encryption_key: EncryptionKey | None = None,
         encryption_chunk: int = encryption.DEFAULT_CHUNK,
+        compressor: zstandard.ZstdCompressor | None = None,
     ):
         _check_common(generation, page_size, codec, level)
         self.generation, self.page_size, self.codec = generation, page_size, codec
@@ -785,7 +797,14 @@ class _Writer:
         # compressor and the spool; without a key, the spool takes the compressor's output
         self._sealer = None if encryption_key is None else encryption.Sealer(encryption_key, self._spool.write, encryption_chunk)
         self._out = self._spool.write if self._sealer is None else self._sealer.write
-        self._cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj() if codec == "zstd" else None
+        # a caller writing many artefacts may lend its own compressor (made with the same
+        # level): a new compression context per segment costs more than compressing it
+        if codec != "zstd":
+            self._cobj = None
+        elif compressor is not None:
+            self._cobj = compressor.compressobj()
+        else:
+            self._cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
         self._raw = 0
         self._state = "open"  # open | failed | finished | closed
 
@@ -878,10 +897,11 @@ class SegmentWriter(_Writer):
         spool_memory: int = 8 << 20,
         encryption_key: EncryptionKey | None = None,
         encryption_chunk: int = encryption.DEFAULT_CHUNK,
+        compressor: zstandard.ZstdCompressor | None = None,
     ):
         super().__init__(
             generation, page_size, codec, level, spool_dir, spool_memory,
-            encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+            encryption_key=encryption_key, encryption_chunk=encryption_chunk, compressor=compressor,
         )
         self._txns: list[TxnInfo] = []
         self._batch = bytearray()
@@ -914,7 +934,13 @@ class SegmentWriter(_Writer):
                 raise ValueError(f"txid {txid} does not follow {self._txns[-1].txid}")
         elif not _is_uint(txid):
             raise ValueError(f"bad txid {txid!r}")
-        _check_position(db_pages, commit_time, db_checksum)
+        # the usual case inline (this runs for every transaction); the call names what is wrong
+        if not (
+            type(db_pages) is int and 0 <= db_pages <= MAX_PAGE_NUMBER
+            and type(db_checksum) is int and 0 <= db_checksum <= MAX_UINT64
+            and type(commit_time) is float and math.isfinite(commit_time)
+        ):
+            _check_position(db_pages, commit_time, db_checksum)
         self._state = "failed"  # until the whole transaction is in
         psize, batch, pack = self.page_size, self._batch, _PGNO.pack
         prev = count = 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import zstandard
 
 from replicator import db_image, failpoints, keys, metrics
 from replicator.artefact import ArtefactError, ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
@@ -50,6 +51,10 @@ if TYPE_CHECKING:  # configuration is passed in; capture does not load it
 MAX_SEGMENT_TXNS = 4096
 KEEP_PAGES_IN_MEMORY = 256
 MAX_SEGMENT_PAGES = 16384
+# WAL frames one capture step reads at most (unless one transaction is larger): 256 MiB of
+# 4 KiB pages; the environment variable is for tests
+MAX_STEP_FRAMES = int(os.environ.get("REPLICATOR_MAX_STEP_FRAMES", "65536"))
+SHIP_FROM_MEMORY_MAX = 1 << 20  # bytes: a larger segment is shipped from its shadow file
 _MASK32 = 0xFFFFFFFF
 
 
@@ -111,7 +116,7 @@ class Capture:
         self,
         cfg: "DbConfig",
         *,
-        publish: Callable[[keys.ArtefactKey, "ArtefactHeader"], None] = lambda key, header: None,
+        publish: Callable[..., None] = lambda key, header, size=None, data=None: None,
         log=None,
         clock: Callable[[], float] = time.time,
     ):
@@ -137,6 +142,10 @@ class Capture:
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
         self._zero_hash: dict[int, int] = {}
+        self.behind = False  # the last step left committed frames for the next (see MAX_STEP_FRAMES)
+        self._compressor = (
+            zstandard.ZstdCompressor(level=cfg.compression_level) if cfg.compression == "zstd" else None
+        )  # lent to every segment writer: one compression context for the life of capture
         self.rotations: dict[str, int] = {}
         self._unavailable: str | None = None
         # the key every artefact is encrypted with (None: unencrypted); read once, at start
@@ -408,8 +417,9 @@ class Capture:
             return ChainPos.start(header)
         return ChainPos(pos.index, pos.checksum1, pos.checksum2)
 
-    def _capture_to(self, view: WalIndexHeader) -> int:
-        """Capture frames (position, view.mx_frame] of the current incarnation."""
+    def _capture_to(self, view: WalIndexHeader, bite: bool = True) -> int:
+        """Capture frames (position, view.mx_frame] of the current incarnation (bite: at
+        most MAX_STEP_FRAMES of them, setting `behind` when more are left)."""
         assert self.state is not None and self.state.wal is not None
         pos = self.state.wal
         end_index = view.mx_frame
@@ -419,16 +429,27 @@ class Capture:
             return 0
         fd = self._fd()
         assert fd is not None
-        frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=end_index))
-        txns, last = group_transactions(frames)
-        if last is None or last.index != end_index:
+        # far behind (a writer faster than capture, or a restart): take the backlog in
+        # bites of MAX_STEP_FRAMES, so that memory does not grow with it
+        capped = bite and end_index - pos.index > MAX_STEP_FRAMES
+        if capped:
+            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=pos.index + MAX_STEP_FRAMES))
+            txns, last = group_transactions(frames)
+            if last is None or frames[-1].index != pos.index + MAX_STEP_FRAMES:
+                capped = False  # one transaction larger than a bite, or a WAL that changed: all at once
+        if not capped:
+            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=end_index))
+            txns, last = group_transactions(frames)
+        del frames
+        self.behind = capped  # more to take at once: the caller steps again without waiting for a change event
+        if last is None or (not capped and last.index != end_index):
             # committed frames must validate; if they do not, the WAL changed under us
             view = self.sql.index.read()
             if view is not None and view.salts != (pos.salt1, pos.salt2):
                 return self._handle_restart(view)
             self.start_generation("wal-invalid")
             return 0
-        if (view.change - pos.change) & _MASK32 != len(txns):
+        if not capped and (view.change - pos.change) & _MASK32 != len(txns):
             self.log.warning("commit count does not match the WAL index", read=len(txns), counted=(view.change - pos.change) & _MASK32)
             self.start_generation("commit-count-mismatch")
             return 0
@@ -471,7 +492,7 @@ class Capture:
         now = self.clock()
         writer = SegmentWriter(
             state.generation, ps, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
-            encryption_key=self.encryption_key,
+            encryption_key=self.encryption_key, compressor=self._compressor,
         )
         changes: dict[int, int] = {}
         cks = state.db_checksum
@@ -520,8 +541,11 @@ class Capture:
         try:
             if still_valid is not None and not still_valid():
                 return False
-            key = keys.segment_key(state.generation, state.txid + 1, txid, _ms(now))
-            self.shadow.write(key, artefact)
+            parsed = keys.ArtefactKey(state.generation, keys.SEGMENT, state.txid + 1, txid, _ms(now))
+            key = parsed.key
+            # a small segment's bytes go to the shippers too: none of them re-reads its file
+            data = artefact.in_memory() if artefact.size <= SHIP_FROM_MEMORY_MAX else None
+            size = self.shadow.write(key, artefact, data)
         finally:
             artefact.close()
         last = txns[-1].commit
@@ -542,10 +566,8 @@ class Capture:
         hashes.set_position(state.generation, txid)
         for t in txns:
             self.wal_pages.update(t.pages)
-        parsed = keys.parse_key(key)
-        assert parsed is not None
         self.log.debug("segment written", key=key, txns=len(txns))
-        self.publish(parsed, artefact.header)
+        self.publish(parsed, artefact.header, size, data)
         return True
 
     def _zero_page_hash(self, pgno: int, page_size: int) -> int:
@@ -701,6 +723,10 @@ class Capture:
         the barrier, while the app writes.
         """
         self.step()
+        for _ in range(64):  # a backlog taken in bites: all of it, if capture keeps up
+            if not self.behind:
+                break
+            self.step()
         assert self.state is not None and self.state.wal is not None
         # a busy writer leaves only short gaps between its transactions; when earlier
         # barriers missed them and the WAL has grown well past its threshold, poll longer
@@ -719,7 +745,7 @@ class Capture:
                 view = self.sql.index.read()
                 pos = self.state.wal
                 if view is not None and pos is not None and view.salts == (pos.salt1, pos.salt2) and view.mx_frame > pos.index:
-                    self._capture_to(view)
+                    self._capture_to(view, bite=False)  # all of it: the WAL restarts after this
             result = self.sql.checkpoint(mode)
             failpoints.hit("checkpoint")
         finally:

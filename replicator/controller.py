@@ -29,7 +29,9 @@ def open_replica(rc: ReplicaConfig, db: str = ""):
 class DatabaseReplicator:
     """Replicates one database: capture into the shadow log, ship to every replica."""
 
-    RECORDED_MAX = 100_000  # recent transactions whose checksums a restore drill can compare
+    # the last transaction of each recent artefact, whose checksum a restore drill compares
+    # (a replica's latest state ends with an artefact's last transaction)
+    RECORDED_MAX = 10_000
 
     def __init__(self, cfg: DbConfig, *, on_shipped: Callable[[ReplicaShipper, Pending, float], None] | None = None):
         self.cfg = cfg
@@ -80,16 +82,19 @@ class DatabaseReplicator:
         """Bytes of artefacts the shadow log holds (not yet on every replica)."""
         return sum(self._local_bytes.values())
 
-    def _publish(self, key: keys.ArtefactKey, header: ArtefactHeader) -> None:
-        # the header and size come from capture: no shipper re-reads the artefact
-        size = self.capture.shadow.path_of(key.key).stat().st_size
+    def _publish(self, key: keys.ArtefactKey, header: ArtefactHeader, size: int | None = None, data: bytes | None = None) -> None:
+        # the header, size and (a small artefact's) bytes come from capture: no shipper
+        # re-reads the artefact from the shadow log
+        if size is None:
+            size = self.capture.shadow.path_of(key.key).stat().st_size
         self._remember(key, size)
-        for t in header.txns:
-            self.recorded[(key.generation, t.txid)] = t.db_checksum
+        if header.txns:
+            last = header.txns[-1]
+            self.recorded[(key.generation, last.txid)] = last.db_checksum
         while len(self.recorded) > self.RECORDED_MAX:
             self.recorded.popitem(last=False)
         for s in self.shippers:
-            s.offer(key, first_commit_time=header.txns[0].commit_time, size=size)
+            s.offer(key, first_commit_time=header.txns[0].commit_time, size=size, data=data)
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -237,6 +242,8 @@ class DatabaseReplicator:
                 # events would turn the backoff into a retry storm)
                 self._stop.wait(backoff)
                 self._woken = False
+            elif captured and self.capture.behind:
+                self._woken = True  # a backlog is left: go on at once (after the sync-interval gap)
             elif rechecks:
                 self._woken = self._wake.wait(self.RECHECKS[len(self.RECHECKS) - rechecks])
                 rechecks -= 1
@@ -279,6 +286,8 @@ class DatabaseReplicator:
             self._local.popleft()
             self._local_bytes.pop(key.key, None)
             self.capture.shadow.remove(key.key)
+            for s in self.shippers:
+                s.forget(key)
 
     def data_loss_window(self) -> dict[str, float]:
         return {s.name: s.data_loss_window() for s in self.shippers}

@@ -14,6 +14,7 @@ last transaction.
 from __future__ import annotations
 
 import calendar
+import functools
 import os
 import re
 import time
@@ -66,7 +67,7 @@ class ArtefactKey:
     last_txid: int
     time_ms: int
 
-    @property
+    @functools.cached_property  # (written to the instance's __dict__: fine on a frozen dataclass)
     def key(self) -> str:
         """The key string, relative to the replica's root."""
         if self.kind == SNAPSHOT:

@@ -239,20 +239,22 @@ def _build(
             if done:
                 break
         out.truncate(db_pages * page_size)
-        out.flush()
-        os.fsync(fd)
+        out.flush()  # fsynced by _verify_file, while it checks
     if p.target_txid is not None and txid != p.target_txid:
         raise RestoreError(f"replica ends at txid {txid} of generation {p.generation}, before the requested txid {p.target_txid}")
     return txid, db_pages, page_size, checksum, commit_time, fetched
 
 
 def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:
-    """The whole-database checksum (RestoreError on a mismatch) and PRAGMA integrity_check
-    (its verdict), run side by side: apsw releases the GIL while SQLite checks."""
+    """fsync the restored file, and check it: the whole-database checksum (RestoreError on a
+    mismatch) and PRAGMA integrity_check (its verdict). The three run side by side (the
+    checks read the page cache while the disk writes it back; apsw and fsync release the
+    GIL); the file is renamed into place only when all three are done."""
     import threading
 
     txid, db_pages, page_size, checksum = result[0], result[1], result[2], result[3]
     verdict: list[str] = []
+    synced: list[BaseException | None] = []
 
     def check() -> None:
         try:
@@ -262,12 +264,29 @@ def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:
         except BaseException as e:  # reported below, never lost in the thread
             verdict.append(f"{type(e).__name__}: {e}")
 
+    def sync() -> None:
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            synced.append(None)
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            synced.append(e)
+
     checker = threading.Thread(target=check, name="integrity-check", daemon=True)
+    syncer = threading.Thread(target=sync, name="restore-fsync", daemon=True)
+    syncer.start()
     checker.start()
     try:
         actual = file_checksum(tmp, page_size, db_pages)
     finally:
         checker.join()
+        syncer.join()
+    if synced[0] is not None:
+        error = synced[0]
+        raise RestoreError(f"cannot write {tmp}: {getattr(error, 'strerror', None) or error} (generation {p.generation})")
     if actual != checksum:
         raise RestoreError(
             f"restored database checksum {actual:016x} does not match the recorded {checksum:016x} at txid {txid} of generation {p.generation}"

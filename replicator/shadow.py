@@ -113,6 +113,7 @@ class PageHashes:
     def __init__(self, path: Path):
         self.path = path
         self._mm: np.memmap | None = None
+        self._arr: np.ndarray | None = None
         self._capacity = 0
         self._fd: int | None = None  # for the header, written at every segment
         self._pages = -1  # db_pages of the last update (-1: unknown, zero the tail)
@@ -125,6 +126,7 @@ class PageHashes:
             self._mm.flush()
             del self._mm
             self._mm = None
+            self._arr = None
         size = self.HEADER + capacity * 8
         with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
             if os.fstat(f.fileno()).st_size < size:
@@ -132,6 +134,8 @@ class PageHashes:
                 # process with SIGBUS at the first store through the map
                 os.posix_fallocate(f.fileno(), 0, size)
         self._mm = np.memmap(self.path, dtype="<u8", mode="r+", offset=self.HEADER, shape=(capacity,))
+        # the same memory as a plain array: indexing a memmap runs Python code per access
+        self._arr = self._mm.view(np.ndarray)
         self._capacity = capacity
 
     def reset(self, generation: str, txid: int, hashes: np.ndarray) -> None:
@@ -168,7 +172,7 @@ class PageHashes:
     def get(self, pgno: int) -> int:
         if self._mm is None or pgno > self._capacity:
             return 0
-        return int(self._mm[pgno - 1])
+        return int(self._arr[pgno - 1])
 
     def update(self, changes: dict[int, int], db_pages: int) -> None:
         """Apply page -> hash changes and drop pages past db_pages."""
@@ -177,21 +181,22 @@ class PageHashes:
         if changes:
             idx = np.fromiter((p - 1 for p in changes), dtype=np.int64, count=len(changes))
             vals = np.fromiter(changes.values(), dtype=np.uint64, count=len(changes))
-            self._mm[idx] = vals
+            self._arr[idx] = vals
         if db_pages < self._pages or self._pages < 0:
-            self._mm[db_pages:] = 0  # the database shrank (or the table is new to us)
+            self._arr[db_pages:] = 0  # the database shrank (or the table is new to us)
         self._pages = db_pages
 
     def checksum(self, db_pages: int) -> int:
         if self._mm is None or db_pages == 0:
             return 0
-        return int(np.bitwise_xor.reduce(self._mm[:db_pages]))
+        return int(np.bitwise_xor.reduce(self._arr[:db_pages]))
 
     def close(self) -> None:
         if self._mm is not None:
             self._mm.flush()
             del self._mm
             self._mm = None
+            self._arr = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -209,6 +214,7 @@ class ShadowLog:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._root_str = str(self.root)
         self.tmp = self.root / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock()
@@ -280,14 +286,21 @@ class ShadowLog:
     def path_of(self, key: str) -> Path:
         return self.root / key
 
-    def write(self, key: str, artefact: EncodedArtefact) -> int:
-        """Write an artefact durably under key; returns its size."""
+    def write(self, key: str, artefact: EncodedArtefact, data: bytes | None = None) -> int:
+        """Write an artefact durably under key (data: the whole artefact, when the caller
+        holds it in memory already); returns its size."""
         path = self.path_of(key)
         try:
             dirfd = self._dir_fd(path.parent)
             fd = os.open(path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
             try:
-                artefact.write_to(_FdWriter(fd))
+                if data is None:
+                    artefact.write_to(_FdWriter(fd))
+                else:  # in two writes, as write_to does: a crash between them tears it
+                    view = memoryview(data)
+                    out = _FdWriter(fd)
+                    out.write(view[: len(artefact.prefix)])
+                    out.write(view[len(artefact.prefix) :])
                 os.fdatasync(fd)
             except BaseException:
                 os.close(fd)
@@ -325,8 +338,10 @@ class ShadowLog:
             self._state_fd = None
 
     def remove(self, key: str) -> None:
-        path = self.path_of(key)
-        path.unlink(missing_ok=True)
+        try:
+            os.unlink(f"{self._root_str}/{key}")
+        except FileNotFoundError:
+            pass
 
     def list(self) -> list[keys.ArtefactKey]:
         """Every artefact held locally, in (generation, kind, txid) order."""

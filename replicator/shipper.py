@@ -33,6 +33,9 @@ class Pending:
     # the same moment on the monotonic clock, so the data-loss window survives the wall
     # clock stepping back (it would read 0 while a replica is down)
     first_commit_mono: float = field(default=0.0, compare=False)
+    # the artefact's bytes, when capture handed them over (small artefacts, while the
+    # queue's in-memory budget lasts); else the upload reads the shadow file
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.first_commit_mono:
@@ -47,6 +50,10 @@ class ReplicaShipper:
     # an agent restart is a catch-up, shown as progress lines on a terminal
     CATCHUP_MIN_BYTES = 4 * MiB
     CATCHUP_MIN_ARTEFACTS = 100
+    # bytes of queued artefacts held in memory at most (beyond, uploads read the shadow
+    # log): a replica that is down must not make the agent grow
+    MEMORY_BUDGET = 8 * MiB
+    MEMORY_ARTEFACT_MAX = 1 * MiB
 
     def __init__(
         self,
@@ -73,6 +80,8 @@ class ReplicaShipper:
         self.clock = clock
         self.sync_interval = sync_interval
         self.pending: deque[Pending] = deque()
+        self._held = 0  # bytes of data the pending artefacts hold in memory
+        self._upload_seconds = None  # the labelled histogram, once looked up
         self.uploaded: set[str] = set()
         self.position: tuple[str, int] | None = None  # (generation, txid) durable on the replica
         self.last_success: float | None = None
@@ -91,9 +100,12 @@ class ReplicaShipper:
         self._catchup_armed = False  # the next success may begin a catch-up
 
     # -- queue ----------------------------------------------------------------------------
-    def offer(self, key: keys.ArtefactKey, *, first_commit_time: float | None = None, size: int | None = None) -> None:
+    def offer(
+        self, key: keys.ArtefactKey, *, first_commit_time: float | None = None, size: int | None = None, data: bytes | None = None
+    ) -> None:
         """Queue an artefact that is now durable in the shadow log (its header is read from
-        the shadow only when the caller does not pass the commit time and size)."""
+        the shadow only when the caller does not pass the commit time and size). data: its
+        bytes, kept for the upload if the memory budget allows."""
         if first_commit_time is None or size is None:
             item = self._pending_for(key)
             if item is None:
@@ -101,6 +113,9 @@ class ReplicaShipper:
         else:
             item = Pending(key, first_commit_time, size)
         with self._cond:
+            if data is not None and len(data) <= self.MEMORY_ARTEFACT_MAX and self._held + len(data) <= self.MEMORY_BUDGET:
+                object.__setattr__(item, "data", data)
+                self._held += len(data)
             self.pending.append(item)
             self._cond.notify_all()
 
@@ -121,10 +136,14 @@ class ReplicaShipper:
         """Queue the shadow artefacts this replica does not hold yet (at start-up); the
         current generation is listed too, to learn which of its snapshots the replica has."""
         generations = sorted({a.generation for a in artefacts} | ({current_generation} if current_generation else set()))
+        local = {a.key for a in artefacts}
         try:
             for gen in generations:
                 for info in self.driver.list(keys.generation_prefix(gen)):
-                    self.uploaded.add(info.key)
+                    # what the shadow log holds, and snapshots: a replica's segments are
+                    # not kept here (there may be millions; see forget)
+                    if info.key in local or info.key.endswith(".snapshot"):
+                        self.uploaded.add(info.key)
             self._known_listing = True
         except StorageError as e:
             self.last_error = str(e)
@@ -148,6 +167,12 @@ class ReplicaShipper:
 
     def has(self, key: keys.ArtefactKey) -> bool:
         return key.key in self.uploaded
+
+    def forget(self, key: keys.ArtefactKey) -> None:
+        """The shadow log dropped key: a segment's upload need not be remembered any more
+        (a snapshot's is, for newest_snapshot_time). Keeps memory flat at any commit rate."""
+        if key.kind == keys.SEGMENT:
+            self.uploaded.discard(key.key)
 
     def data_loss_window(self, now: float | None = None) -> float:
         """Seconds of commits that would be lost if the node died now (0 when caught up)."""
@@ -218,7 +243,7 @@ class ReplicaShipper:
 
     def upload(self, item: Pending) -> bool:
         """Upload one artefact; True on success (it is then removed from the queue)."""
-        path = self.shadow.path_of(item.key.key)
+        path = self.shadow.path_of(item.key.key) if item.data is None else None
         started = time.monotonic()
         bar = self._catchup
         base = bar.done if bar is not None else 0
@@ -228,8 +253,11 @@ class ReplicaShipper:
                 bar.update(base + sent)
 
         try:
-            with open(path, "rb") as f:
-                self.driver.put(item.key.key, f, size=item.size, progress=moving)
+            if item.data is not None:
+                self.driver.put(item.key.key, item.data, size=item.size, progress=moving)
+            else:
+                with open(path, "rb") as f:
+                    self.driver.put(item.key.key, f, size=item.size, progress=moving)
         except FileNotFoundError:
             self.log.error("shadow artefact vanished before upload", key=item.key.key)
             self._catchup_step(item, base)
@@ -248,7 +276,9 @@ class ReplicaShipper:
             return False
         failpoints.hit("upload-recorded")  # on the replica, not yet recorded here
         now = self.clock()
-        metrics.UPLOAD_SECONDS.labels(db=self.db, replica=self.name).observe(time.monotonic() - started)
+        if self._upload_seconds is None:
+            self._upload_seconds = metrics.UPLOAD_SECONDS.labels(db=self.db, replica=self.name)
+        self._upload_seconds.observe(time.monotonic() - started)
         if self.last_error is not None:
             self.log.info("replica recovered", key=item.key.key)
         self.last_error = None
@@ -290,6 +320,8 @@ class ReplicaShipper:
         with self._cond:
             if self.pending and self.pending[0] is item:
                 self.pending.popleft()
+                if item.data is not None:
+                    self._held -= len(item.data)
             self._cond.notify_all()
 
     def _advance(self, key: keys.ArtefactKey) -> None:

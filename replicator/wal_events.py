@@ -256,16 +256,20 @@ class ChangeEvents:
 # -- inotify callbacks (run on the InotifyFD thread) ----------------------------------------
 _C = None
 
-READ_GAP = 0.002  # seconds between two reads of the inotify fd while events keep coming
+READ_GAP = 0.002  # seconds between two reads of the inotify fd when events start coming
+READ_GAP_BUSY = 0.008  # ... and at most, while every read finds events already queued
 
 
 def _coalescing_inotify():
-    """watchdog's InotifyFD, reading at most every READ_GAP seconds while busy.
+    """watchdog's InotifyFD, pausing between reads while busy.
 
     A writer at 1,000 tx/s makes several IN_MODIFY events per commit on its -wal; read one
     by one they cost the reader thread a parse and a wake-up each (about 4 % of a core).
-    The kernel merges identical events queued back to back, so a short pause between reads
-    turns a burst into one event. The first event after a quiet spell is read at once.
+    The kernel merges identical events queued back to back, so a pause between reads
+    turns a burst into one event. The first event after a quiet spell is read at once;
+    then the pause is READ_GAP, doubling up to READ_GAP_BUSY while each read finds events
+    waiting (a busy database: its capture steps every sync-interval anyway, and is woken
+    by any one read in that time), and back to READ_GAP once a read has to wait for them.
     """
     import time
 
@@ -273,13 +277,17 @@ def _coalescing_inotify():
 
     class CoalescingInotifyFD(InotifyFD):
         _last_read = 0.0
+        _gap = READ_GAP
 
         def read_events(self, *args, **kwargs):
-            gap = self._last_read + READ_GAP - time.monotonic()
-            if gap > 0:
-                time.sleep(gap)
+            pause = self._last_read + self._gap - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            before = time.monotonic()
             events = super().read_events(*args, **kwargs)
-            self._last_read = time.monotonic()
+            self._last_read = now = time.monotonic()
+            # waited for them (a quiet spell): short pauses again; else pause longer
+            self._gap = READ_GAP if now - before > 0.001 else min(READ_GAP_BUSY, self._gap * 2)
             return events
 
     return CoalescingInotifyFD

@@ -105,6 +105,44 @@ def test_restarted_agent_continues_the_same_generation(tmp_path):
     restore_equals_source(tmp_path, replica, db)
 
 
+def test_backlog_larger_than_a_capture_step_is_taken_in_bites(tmp_path):
+    """The app commits more frames while the agent is down than one capture step reads
+    (capture.MAX_STEP_FRAMES): the restarted agent takes them in several steps, in the
+    same generation, without waiting for the app's next change event between steps."""
+    MAX_STEP_FRAMES = 500
+    os.environ["REPLICATOR_MAX_STEP_FRAMES"] = str(MAX_STEP_FRAMES)  # the agents started below inherit it
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    keeper = start_writer(db, [["insert", 1, 100], ["sleep", 120]], lib="apsw")  # the app stays connected
+    try:
+        wait_for(lambda: len(rows(db)) == 1, what="first row")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        assert agent.stop() == 0
+        count = MAX_STEP_FRAMES + MAX_STEP_FRAMES // 2  # at least one frame each
+        write(db, [["autocheckpoint", 0], ["insert", count, 100]], lib="apsw")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log").start()
+        # no further commit: the whole backlog must reach the replica on its own
+        out = tmp_path / "polled.db"
+
+        def all_on_replica() -> bool:
+            out.unlink(missing_ok=True)
+            return cli("restore", "-o", str(out), f"file://{replica}").returncode == 0 and len(rows(out)) == count + 1
+
+        wait_for(all_on_replica, timeout=60, interval=0.5, what="the whole backlog on the replica")
+        assert agent.stop() == 0
+        assert len(_generations(replica)) == 1, "catching up in bites must continue the generation"
+        events = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines() if line.startswith("{")]
+        segments = [e["txns"] for e in events if e.get("event") == "segment written"]
+        # at least one frame per transaction, so a bite holds at most MAX_STEP_FRAMES of them
+        assert max(segments) <= MAX_STEP_FRAMES and len(segments) >= count // MAX_STEP_FRAMES
+    finally:
+        os.environ.pop("REPLICATOR_MAX_STEP_FRAMES", None)
+        keeper.kill()
+        keeper.wait()
+    restore_equals_source(tmp_path, replica, db)
+
+
 def test_app_writes_and_closes_while_agent_is_down(tmp_path):
     """Each app connection's close checkpoints and deletes the WAL and -shm; the commit
     counter restarts with them, so it must not be trusted across the agent's downtime."""

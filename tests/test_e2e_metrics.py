@@ -96,7 +96,7 @@ def test_replica_outage_raises_the_window_and_fails_readyz_then_recovers(tmp_pat
                 wait_for(lambda: window("s3") == 0.0 and _get(base + "/readyz")[0] == 200, timeout=60, what="the s3 replica to catch up")
                 wait_for(lambda: "data-loss window back within threshold" in log.read_text(), timeout=5, what="the recovery line")
             finally:
-                writer.kill()
+                writer.terminate()  # at a commit boundary: the source is then exactly what was committed
                 writer.wait()
             text = log.read_text()
             # warned once and recovered once, not at every check
