@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import stat
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -48,11 +47,11 @@ class FileDriver(Driver):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.realpath(os.path.abspath(os.fspath(root)))
         self.url = "file://" + urllib.parse.quote(self.root)
-        # descriptors of the directories puts went to lately, each checked to be a real
-        # directory below the root when opened: a put creates, fsyncs and renames relative
-        # to it (no path resolution, mkdir or directory open per put)
-        self._dirs: dict[str, int] = {}
-        self._dirs_lock = threading.Lock()
+        # folders puts went to lately, already made and checked to resolve to themselves
+        # (no symlink on the way): a put to one opens it and creates, fsyncs and renames
+        # relative to it, without resolving the path or making it again. No descriptor is
+        # kept between puts (hundreds of idle databases would hold hundreds)
+        self._dirs: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> FileDriver:
@@ -110,6 +109,7 @@ class FileDriver(Driver):
             if tmp:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dirfd)
+            os.close(dirfd)
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def get(self, key: str, *, offset: int = 0, length: int | None = None) -> BinaryIO:
@@ -164,7 +164,7 @@ class FileDriver(Driver):
                 os.rmdir(directory)
             except OSError:
                 break  # not empty (or gone): stop
-            self._forget_dir(os.path.relpath(directory, self.root).replace(os.sep, "/"))
+            self._dirs.discard(os.path.relpath(directory, self.root).replace(os.sep, "/"))
             directory = os.path.dirname(directory)
 
     def _path(self, key: str) -> str:
@@ -174,56 +174,47 @@ class FileDriver(Driver):
         return path
 
     def _create_temp(self, directory: str, name: str, key: str) -> tuple[int, int, str]:
-        """(the directory's descriptor, the new temporary file's descriptor, its name)."""
+        """(the folder's descriptor, the new temporary file's descriptor, its name); the
+        caller closes both."""
         short = name.encode()[:128].decode(errors="ignore")  # keep the temp name short
         for _ in range(8):
             tmp = f".{short}.tmp-{secrets.token_hex(8)}"
             try:
-                dirfd = self._dir_fd(directory, key)
-                return dirfd, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dirfd), tmp
+                dirfd = self._open_dir(directory, key)
             except FileNotFoundError:
-                self._forget_dir(directory)  # a delete pruned the directory: make it again
+                self._dirs.discard(directory)  # a delete pruned the folder: make it again
                 continue
             except OSError as exc:
                 raise self._error(exc, "write", key) from exc
+            try:
+                return dirfd, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dirfd), tmp
+            except FileNotFoundError:
+                self._dirs.discard(directory)  # pruned (and unlinked) since it was opened
+                os.close(dirfd)
+                continue
+            except OSError as exc:
+                os.close(dirfd)
+                raise self._error(exc, "write", key) from exc
         raise Transient(f"{self.url}: directory for {key!r} keeps disappearing", key=key)
 
-    def _dir_fd(self, directory: str, key: str) -> int:
-        """A descriptor of the directory (a key's folder, "" for the root), made if missing
-        and checked to resolve to itself (no symlink on the way), cached."""
-        with self._dirs_lock:
-            fd = self._dirs.get(directory)
-            if fd is not None:
-                return fd
+    def _open_dir(self, directory: str, key: str) -> int:
+        """Open a key's folder ("" for the root), made if missing; PermissionDenied when
+        its path goes through a symlink."""
         path = os.path.join(self.root, *directory.split("/")) if directory else self.root
-        if os.path.realpath(path) != path:
-            raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
-        _makedirs(path)
+        known = directory in self._dirs
+        if not known:
+            if os.path.realpath(path) != path:
+                raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
+            _makedirs(path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if os.path.realpath(path) != path:  # swapped for a symlink meanwhile
-            os.close(fd)
-            raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
-        with self._dirs_lock:
-            if directory in self._dirs:  # another thread opened it meanwhile
+        if not known:
+            if os.path.realpath(path) != path:  # swapped for a symlink meanwhile
                 os.close(fd)
-                return self._dirs[directory]
-            while len(self._dirs) >= 8:
-                os.close(self._dirs.pop(next(iter(self._dirs))))
-            self._dirs[directory] = fd
+                raise PermissionDenied(f"{self.url}: {key!r} resolves through a symlink", key=key)
+            if len(self._dirs) >= 1024:
+                self._dirs.clear()
+            self._dirs.add(directory)
         return fd
-
-    def _forget_dir(self, directory: str) -> None:
-        with self._dirs_lock:
-            fd = self._dirs.pop(directory, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        with self._dirs_lock:
-            fds = list(self._dirs.values())
-            self._dirs.clear()
-        for fd in fds:
-            os.close(fd)
 
     def _walk(self, directory: str, rel: str, name_prefix: str) -> Iterator[ObjectInfo]:
         try:
