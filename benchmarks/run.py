@@ -240,6 +240,11 @@ def render(meta: dict, sections) -> str:
             L.append(f"- {n}")
         if s.notes:
             L.append("")
+    # the profile behind the misses (hand-written: benchmarks/profile.md)
+    profile = Path(__file__).with_name("profile.md")
+    if profile.exists():
+        L.append("## Where the time goes: the targets missed\n")
+        L.append(profile.read_text().rstrip() + "\n")
     # commands
     L.append("## Exact commands\n")
     L.append("`$WORK` is the work directory (a fresh directory under /tmp). Each run uses fresh databases and replica "
