@@ -201,7 +201,7 @@ def render(meta: dict, sections) -> str:
     L.append(f"- **Load average** (1, 5, 15 min): {info.get('loadavg_start')} at the start, {info.get('loadavg_end')} at the end. "
              "The machine is shared; figures are medians of interleaved runs to limit the effect of noise.")
     L.append("")
-    L.append("Settings: replicator runs at its defaults (`sync-interval` 10ms, zstd level 3, ...). Litestream runs at its "
+    L.append("Settings: replicator runs at its defaults (`sync-interval` 10ms, zstd level 3 for snapshots and 1 for segments, ...). Litestream runs at its "
              "defaults (`monitor-interval` and `sync-interval` 1s); in scenarios 1 and 2 it also runs with both intervals set "
              "to " + ", ".join(f"{x * 1000:g} ms" for x in meta["intervals"] if x is not None) + ". Ratios are "
              "replicator / the better Litestream on that figure. PASS/MISS is written by the script against the "

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import xxhash
 import zstandard
 
 from replicator import db_image, failpoints, keys, metrics
@@ -85,7 +86,7 @@ def group_transactions(frames: list[FrameInfo]) -> tuple[list[Txn], FrameInfo | 
     last_commit = None
     for f in frames:
         pending[f.pgno] = f.index
-        if f.is_commit:
+        if f.commit:  # a commit frame (is_commit, without the property call per frame)
             txns.append(Txn(pending, f))
             pending = {}
             last_commit = f
@@ -144,7 +145,7 @@ class Capture:
         self._zero_hash: dict[int, int] = {}
         self.behind = False  # the last step left committed frames for the next (see MAX_STEP_FRAMES)
         self._compressor = (
-            zstandard.ZstdCompressor(level=cfg.compression_level) if cfg.compression == "zstd" else None
+            zstandard.ZstdCompressor(level=cfg.segment_compression_level) if cfg.compression == "zstd" else None
         )  # lent to every segment writer: one compression context for the life of capture
         self.rotations: dict[str, int] = {}
         self._unavailable: str | None = None
@@ -491,7 +492,7 @@ class Capture:
         hashes = self.shadow.hashes
         now = self.clock()
         writer = SegmentWriter(
-            state.generation, ps, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+            state.generation, ps, codec=self.cfg.compression, level=self.cfg.segment_compression_level, spool_dir=self.shadow.tmp,
             encryption_key=self.encryption_key, compressor=self._compressor,
         )
         changes: dict[int, int] = {}
@@ -507,17 +508,21 @@ class Capture:
         # every frame of txns was validated before this call, so a read-ahead window over
         # them reads stable bytes; it lives only for this segment
         reader = PageReader(fd, ps, last=txns[-1].commit.index)
+        read_page, hash_page, hash_of = reader.page, xxhash.xxh3_64_intdigest, hashes.get  # the loop below runs per page
         for t in txns:
             txid += 1
-            pgnos = sorted(t.pages)
+            pages = t.pages
+            pgnos = sorted(pages)
             keep = len(pgnos) <= KEEP_PAGES_IN_MEMORY
             kept = []
-            frames = t.pages.values()
-            reader.cover(min(frames), t.commit.index)
+            reader.cover(min(pages.values()), t.commit.index)
             for pgno in pgnos:
-                data = reader.page(t.pages[pgno])
-                h = page_hash(pgno, data)
-                cks ^= old_hash(pgno) ^ h
+                data = read_page(pages[pgno])
+                h = hash_page(data, pgno)  # artefact.page_hash, inline
+                old = changes.get(pgno)
+                if old is None:
+                    old = hash_of(pgno) if pgno <= db_pages else 0
+                cks ^= old ^ h
                 changes[pgno] = h
                 if keep:
                     kept.append((pgno, data))

@@ -84,7 +84,7 @@ class DbConfig:
     retention: float
     retention_check_interval: float
     compression: str
-    compression_level: int
+    compression_level: int  # snapshots
     min_checkpoint_page_count: int
     checkpoint_interval: float
     truncate_page_count: int
@@ -97,6 +97,7 @@ class DbConfig:
     restore_if_db_not_exists: bool = False
     encryption_key_path: Path | None = None  # the key file, read when needed (encryption_key_of)
     encryption_key: bytes | None = dataclasses.field(default=None, repr=False)  # from encryption-key
+    segment_compression_level: int = 1  # segments: the continuous stream, compressed on the commit path
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ _DB_SPECS: dict[str, _Spec] = {
     "retention-check-interval": _DURATION_POS,
     "compression": _Spec("enum", choices=("zstd", "none")),
     "compression-level": _Spec("int", low=1, high=22),
+    "segment-compression-level": _Spec("int", low=1, high=22),
     "min-checkpoint-page-count": _Spec("int", low=1),
     "checkpoint-interval": _DURATION_0,
     "truncate-page-count": _Spec("int", low=0),
@@ -265,6 +267,7 @@ DEFAULTS: Mapping[str, Any] = _KeyedAsWritten(
         "retention-check-interval": 3600.0,
         "compression": "zstd",
         "compression-level": 3,
+        "segment-compression-level": 1,
         "min-checkpoint-page-count": 1000,
         "checkpoint-interval": 60.0,
         "truncate-page-count": 121359,
@@ -629,6 +632,7 @@ def _db_entry(
         retention_check_interval=settings["retention-check-interval"],
         compression=settings["compression"],
         compression_level=settings["compression-level"],
+        segment_compression_level=settings["segment-compression-level"],
         min_checkpoint_page_count=settings["min-checkpoint-page-count"],
         checkpoint_interval=settings["checkpoint-interval"],
         truncate_page_count=settings["truncate-page-count"],

@@ -32,7 +32,7 @@ import functools
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -121,8 +121,9 @@ def parse_wal_header(buf: bytes | bytearray | memoryview) -> WalHeader | None:
     return WalHeader(big_endian, page_size, ckpt_seq, salt1, salt2, ck1, ck2, valid)
 
 
-@dataclass(frozen=True)
-class ChainPos:
+# ChainPos and FrameInfo are NamedTuples, not dataclasses: scan_frames makes one of each
+# per frame, and a tuple is built several times faster than a frozen dataclass
+class ChainPos(NamedTuple):
     """Where a reader stands: `index` frames consumed and the cumulative checksum after
     frame `index` (the header's checksum when index == 0)."""
 
@@ -135,8 +136,7 @@ class ChainPos:
         return cls(0, header.checksum1, header.checksum2)
 
 
-@dataclass(frozen=True)
-class FrameInfo:
+class FrameInfo(NamedTuple):
     index: int  # 1-based
     pgno: int
     commit: int  # database size in pages after the commit, 0 if not a commit frame

@@ -372,6 +372,7 @@ def test_defaults_fill_everything():
     assert db.retention_check_interval == 3600.0
     assert db.compression == "zstd"
     assert db.compression_level == 3
+    assert db.segment_compression_level == 1
     assert db.min_checkpoint_page_count == 1000
     assert db.checkpoint_interval == 60.0
     assert db.truncate_page_count == 121359
@@ -1097,7 +1098,7 @@ def test_dataclass_field_names_are_the_contract():
         "compression", "compression_level", "min_checkpoint_page_count", "checkpoint_interval",
         "truncate_page_count", "monitor_interval", "sync_interval", "shadow_max_bytes", "shutdown_timeout",
         "data_loss_window_threshold", "verify_interval", "restore_if_db_not_exists",
-        "encryption_key_path", "encryption_key",
+        "encryption_key_path", "encryption_key", "segment_compression_level",
     ]
     assert [f.name for f in dataclasses.fields(Config)] == [
         "dbs", "log_level", "log_format", "source", "warnings", "metrics_addr", "dirs",

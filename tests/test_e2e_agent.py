@@ -124,6 +124,29 @@ def test_sigterm_ships_what_is_committed(tmp_path):
     assert rows(out) == list(range(1, 31))
 
 
+def test_snapshots_and_segments_are_compressed_at_their_own_levels(tmp_path):
+    from replicator.artefact import read_header
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", compression_level=9, segment_compression_level=2)
+    with AgentProcess("-c", str(cfg), log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        write(db, [["insert", 10, 100]], lib="apsw")
+        assert agent.stop() == 0
+    levels = {}
+    for path in replica.rglob("*.snapshot"):
+        with open(path, "rb") as f:
+            levels.setdefault("snapshot", set()).add(read_header(f).level)
+    for path in replica.rglob("*.segment"):
+        with open(path, "rb") as f:
+            levels.setdefault("segment", set()).add(read_header(f).level)
+    assert levels == {"snapshot": {9}, "segment": {2}}
+    out = tmp_path / "restored.db"
+    cli("restore", "-o", str(out), f"file://{replica}", check=True)
+    assert rows(out) == list(range(1, 11))
+
+
 def test_several_databases_and_replicas_from_one_config(tmp_path, monkeypatch):
     a, b = tmp_path / "a.db", tmp_path / "b.db"
     write(a, [["schema"]])
