@@ -944,15 +944,18 @@ class SegmentWriter(_Writer):
         self._state = "failed"  # until the whole transaction is in
         psize, batch, pack = self.page_size, self._batch, _PGNO.pack
         prev = count = 0
+        room = _BATCH - len(batch)  # bytes the batch takes before it is flushed
         for pgno, data in pages:
             if type(pgno) is not int or not prev < pgno <= MAX_PAGE_NUMBER:
                 raise ValueError(f"txid {txid}: page number {pgno!r} after {prev} (must increase, 1..{MAX_PAGE_NUMBER})")
-            if len(data) != psize or (isinstance(data, memoryview) and data.nbytes != psize):
+            if len(data) != psize or (type(data) is not bytes and memoryview(data).nbytes != psize):
                 raise ValueError(f"txid {txid}: page {pgno} has {len(data)} bytes, not {psize}")
             batch += pack(pgno)
             batch += data
-            if len(batch) >= _BATCH:
+            room -= psize + 4
+            if room <= 0:
                 self._flush_batch()
+                room = _BATCH
             prev = pgno
             count += 1
         self._txns.append(TxnInfo(txid, count, db_pages, float(commit_time), db_checksum))

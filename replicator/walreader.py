@@ -323,6 +323,7 @@ def scan_frames(
     a00, a01, a10, a11 = summer._an
     salt1, salt2 = header.salt1, header.salt2
     unpack_hdr = _FRAME_HDR.unpack_from
+    new_tuple = tuple.__new__
     index = start.index
     s0, s1 = start.checksum1 & _MASK32, start.checksum2 & _MASK32
     while True:
@@ -348,7 +349,9 @@ def scan_frames(
             if s0 != fc1 or s1 != fc2:
                 return
             index += 1
-            yield FrameInfo(index, pgno, commit, off + pos, ChainPos(index, s0, s1))
+            # FrameInfo(index, pgno, commit, offset, ChainPos(index, s0, s1)), without the
+            # Python-level __new__ of a NamedTuple (this runs for every frame)
+            yield new_tuple(FrameInfo, (index, pgno, commit, off + pos, new_tuple(ChainPos, (index, s0, s1))))
         if n < want:
             return  # a partial frame (or EOF) follows
 
