@@ -55,7 +55,7 @@ MAX_SEGMENT_PAGES = 16384
 # WAL frames one capture step reads at most (unless one transaction is larger): 256 MiB of
 # 4 KiB pages; the environment variable is for tests
 MAX_STEP_FRAMES = int(os.environ.get("REPLICATOR_MAX_STEP_FRAMES", "65536"))
-SHIP_FROM_MEMORY_MAX = 1 << 20  # bytes: a larger segment is shipped from its shadow file
+SHIP_FROM_MEMORY_MAX = 256 * 1024  # bytes: a larger segment is shipped from its shadow file (ReplicaShipper.MEMORY_ARTEFACT_MAX)
 _MASK32 = 0xFFFFFFFF
 
 

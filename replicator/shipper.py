@@ -50,10 +50,13 @@ class ReplicaShipper:
     # an agent restart is a catch-up, shown as progress lines on a terminal
     CATCHUP_MIN_BYTES = 4 * MiB
     CATCHUP_MIN_ARTEFACTS = 100
-    # bytes of queued artefacts held in memory at most (beyond, uploads read the shadow
-    # log): a replica that is down must not make the agent grow
-    MEMORY_BUDGET = 8 * MiB
-    MEMORY_ARTEFACT_MAX = 1 * MiB
+    # bytes of queued artefacts held in memory at most, by all shippers of the process
+    # together (beyond, uploads read the shadow log): replicas that are down must not make
+    # the agent grow, whatever the number of databases
+    MEMORY_BUDGET = 16 * MiB
+    MEMORY_ARTEFACT_MAX = 256 * 1024
+    _held_total = 0
+    _held_lock = threading.Lock()
 
     def __init__(
         self,
@@ -80,7 +83,6 @@ class ReplicaShipper:
         self.clock = clock
         self.sync_interval = sync_interval
         self.pending: deque[Pending] = deque()
-        self._held = 0  # bytes of data the pending artefacts hold in memory
         self._upload_seconds = None  # the labelled histogram, once looked up
         self.uploaded: set[str] = set()
         self.position: tuple[str, int] | None = None  # (generation, txid) durable on the replica
@@ -112,12 +114,25 @@ class ReplicaShipper:
                 return
         else:
             item = Pending(key, first_commit_time, size)
+        if data is not None and len(data) <= self.MEMORY_ARTEFACT_MAX and self._hold(len(data)):
+            object.__setattr__(item, "data", data)
         with self._cond:
-            if data is not None and len(data) <= self.MEMORY_ARTEFACT_MAX and self._held + len(data) <= self.MEMORY_BUDGET:
-                object.__setattr__(item, "data", data)
-                self._held += len(data)
             self.pending.append(item)
             self._cond.notify_all()
+
+    @classmethod
+    def _hold(cls, n: int) -> bool:
+        """Count n more bytes held in memory, if the process-wide budget allows."""
+        with ReplicaShipper._held_lock:
+            if ReplicaShipper._held_total + n > cls.MEMORY_BUDGET:
+                return False
+            ReplicaShipper._held_total += n
+            return True
+
+    @classmethod
+    def _release(cls, n: int) -> None:
+        with ReplicaShipper._held_lock:
+            ReplicaShipper._held_total -= n
 
     def _pending_for(self, key: keys.ArtefactKey) -> Pending | None:
         path = self.shadow.path_of(key.key)
@@ -204,6 +219,16 @@ class ReplicaShipper:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(max(0.1, deadline - time.monotonic()))
+        released = 0
+        if self._thread is not None and self._thread.is_alive():
+            return caught_up  # still uploading (the join timed out): leave its items alone
+        with self._cond:  # what is left is shipped from the shadow log by the next agent
+            for p in self.pending:
+                if p.data is not None:
+                    released += len(p.data)
+                    object.__setattr__(p, "data", None)
+        if released:
+            self._release(released)
         return caught_up
 
     def wait_idle(self, timeout: float) -> bool:
@@ -318,11 +343,12 @@ class ReplicaShipper:
 
     def _pop(self, item: Pending) -> None:
         with self._cond:
-            if self.pending and self.pending[0] is item:
+            popped = bool(self.pending) and self.pending[0] is item
+            if popped:
                 self.pending.popleft()
-                if item.data is not None:
-                    self._held -= len(item.data)
             self._cond.notify_all()
+        if popped and item.data is not None:
+            self._release(len(item.data))
 
     def _advance(self, key: keys.ArtefactKey) -> None:
         if self.position is None or (key.generation, key.last_txid) > self.position:
