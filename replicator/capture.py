@@ -33,6 +33,7 @@ from replicator.artefact import ArtefactError, ArtefactHeader, SegmentWriter, Sn
 from replicator.fsutil import fsync_dir
 from replicator.progress import console as console_progress
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
+from replicator.shipper import ReplicaShipper
 from replicator.sqlite_access import CheckpointResult, DatabaseUnavailable, SqliteAccess
 from replicator.walindex import WalIndexHeader
 from replicator.walreader import (
@@ -55,7 +56,6 @@ MAX_SEGMENT_PAGES = 16384
 # WAL frames one capture step reads at most (unless one transaction is larger): 256 MiB of
 # 4 KiB pages; the environment variable is for tests
 MAX_STEP_FRAMES = int(os.environ.get("REPLICATOR_MAX_STEP_FRAMES", "65536"))
-SHIP_FROM_MEMORY_MAX = 256 * 1024  # bytes: a larger segment is shipped from its shadow file (ReplicaShipper.MEMORY_ARTEFACT_MAX)
 _MASK32 = 0xFFFFFFFF
 
 
@@ -549,7 +549,7 @@ class Capture:
             parsed = keys.ArtefactKey(state.generation, keys.SEGMENT, state.txid + 1, txid, _ms(now))
             key = parsed.key
             # a small segment's bytes go to the shippers too: none of them re-reads its file
-            data = artefact.in_memory() if artefact.size <= SHIP_FROM_MEMORY_MAX else None
+            data = artefact.in_memory() if artefact.size <= ReplicaShipper.MEMORY_ARTEFACT_MAX else None
             size = self.shadow.write(key, artefact, data)
         finally:
             artefact.close()
