@@ -229,8 +229,11 @@ class _Watchdog:
     It sleeps until the earliest deadline, at most `timeout` (a new watch's deadline is
     never earlier than that, a deadline only moves later, and a paused watch comes back
     with a fresh one), or until a watch arrives when there is none: adding a watch seldom
-    wakes it.
+    wakes it. With nothing to watch for LINGER seconds the thread ends (the next watch
+    starts another), so the replicas of idle databases cost no thread.
     """
+
+    LINGER = 5.0
 
     def __init__(self, timeout: float, on_expired: Callable[[list[Watch]], None], clock: Callable[[], float]) -> None:
         self._timeout = timeout
@@ -270,7 +273,13 @@ class _Watchdog:
                     return
                 expired, wait = self._due()
                 if not expired:
-                    self._cond.wait(wait)
+                    if wait is None:
+                        self._cond.wait(self.LINGER)
+                        if not self._watches and not self._stopped:
+                            self._thread = None  # under the lock: add() starts a new one
+                            return
+                    else:  # (at most LINGER: removing the last watch does not wake it)
+                        self._cond.wait(min(wait, self.LINGER))
                     continue
             self._on_expired(expired)
 

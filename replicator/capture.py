@@ -140,6 +140,7 @@ class Capture:
         self._replaced = False  # the database file was deleted or replaced under us
         self.generation_floor: str | None = None  # the newest generation id on any replica
         self._last_ckpt: tuple[tuple[int, int] | None, int] = (None, 0)  # (salts, frames) at the last checkpoint
+        self._ckpt_done: tuple[tuple[int, int], int] | None = None  # (salts, frames) the last checkpoint backfilled whole
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
         self._zero_hash: dict[int, int] = {}
@@ -179,6 +180,26 @@ class Capture:
             os.close(self._wal_fd)
             self._wal_fd = None
         self.opened = False
+
+    @property
+    def parkable(self) -> bool:
+        """True when park() has something to release."""
+        sql, shadow = self.sql, self.shadow
+        return self.opened and not (sql.ckpt_conn is None and self._wal_fd is None and shadow.hashes.parked and not shadow.holds_fds)
+
+    def park(self) -> None:
+        """Idle: release the fds and memory a quiet database does not need (the checkpoint
+        connection, the raw WAL fd, the page-hash map, the shadow log's descriptors); each
+        reopens at its next use. The pin stays: it keeps every frame the app commits
+        meanwhile, through the app's own checkpoints, until capture has read it."""
+        if not self.parkable:
+            return
+        self.sql.park()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self.shadow.close()
+        self.shadow.hashes.park()
 
     # -- the WAL file -----------------------------------------------------------------------
     def _fd(self) -> int | None:
@@ -712,8 +733,8 @@ class Capture:
             mode = "TRUNCATE"
         elif frames >= cfg.min_checkpoint_page_count and due:
             mode = "PASSIVE"
-        elif cfg.checkpoint_interval and frames > 0 and since >= cfg.checkpoint_interval:
-            mode = "PASSIVE"
+        elif cfg.checkpoint_interval and frames > 0 and since >= cfg.checkpoint_interval and self._ckpt_done != ((pos.salt1, pos.salt2), frames):
+            mode = "PASSIVE"  # (not again for a WAL the last one backfilled whole: an idle database stays parked)
         if mode is None:
             return None
         self._last_ckpt = ((pos.salt1, pos.salt2), frames)
@@ -758,6 +779,9 @@ class Capture:
             outcome = "error" if result is None else "busy" if result.busy else "ok"
             metrics.CHECKPOINTS.labels(db=self._db, mode=mode, result=outcome).inc()
         self.last_checkpoint = time.monotonic()
+        pos = self.state.wal if self.state is not None else None
+        if pos is not None and not result.busy and 0 <= result.wal_frames == result.checkpointed == pos.index:
+            self._ckpt_done = ((pos.salt1, pos.salt2), pos.index)
         self.log.debug(
             "checkpoint", mode=mode, barrier=barrier, busy=result.busy, wal_frames=result.wal_frames, checkpointed=result.checkpointed
         )

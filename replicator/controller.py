@@ -194,11 +194,13 @@ class DatabaseReplicator:
         return min(base * self.IDLE_POLL_FACTOR, base * (2 ** min(idle_steps, 10)))
 
     RECHECKS = (0.002, 0.01, 0.05)  # after an event that found nothing to capture
+    PARK_AFTER = 2.0  # seconds without a commit before an idle database releases what it can (Capture.park)
 
     def _run(self) -> None:
         backoff = 0.0
         idle_steps = 0
         rechecks = 0  # short re-steps left after an event that found no new commit
+        active = time.monotonic()  # the last step that captured a commit
         while True:
             stopping = self._stop.is_set()
             try:
@@ -217,6 +219,11 @@ class DatabaseReplicator:
                     self.capture.maybe_checkpoint()
                     self.capture.maybe_snapshot()
                 self._cleanup()
+                now = time.monotonic()
+                if captured:
+                    active = now
+                elif not stopping and not rechecks and now - active >= self.PARK_AFTER:
+                    self.capture.park()  # a no-op when nothing reopened since the last one
                 if self.last_error is not None:
                     self.log.info("capture recovered")
                 self.last_error = None
@@ -248,7 +255,10 @@ class DatabaseReplicator:
                 self._woken = self._wake.wait(self.RECHECKS[len(self.RECHECKS) - rechecks])
                 rechecks -= 1
             else:
-                self._woken = self._wake.wait(self._safety_poll(idle_steps))
+                wait = self._safety_poll(idle_steps)
+                if self.capture.parkable:  # park soon after the last commit (or snapshot, checkpoint)
+                    wait = min(wait, max(0.05, active + self.PARK_AFTER - time.monotonic()))
+                self._woken = self._wake.wait(wait)
             self._wake.clear()
             # coalesce: a commit after a quiet spell is captured at once, but under load
             # capture steps (and so segments) are at least sync-interval apart

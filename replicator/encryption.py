@@ -19,8 +19,8 @@ import os
 import string
 from typing import Callable
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+# cryptography (with OpenSSL: about 7 MiB of RSS) is imported when a key is first used, so
+# that an agent without encryption does not carry it
 
 ALG = "A256GCM"
 KEY_SIZE = 32
@@ -89,6 +89,8 @@ class EncryptionKey:
     def __init__(self, key: bytes, *, origin: str = ""):
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_SIZE:
             raise KeyFormatError(f"an AES-256 key is {KEY_SIZE} bytes")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(bytes(key))
         self.kid = key_id(bytes(key))
         self.origin = origin  # where it came from (a path), for messages
@@ -100,7 +102,7 @@ class EncryptionKey:
 
     @staticmethod
     def generate() -> "EncryptionKey":
-        return EncryptionKey(AESGCM.generate_key(bit_length=256))
+        return EncryptionKey(os.urandom(KEY_SIZE))  # what AESGCM.generate_key does
 
     def seal(self, nonce: bytes, data, aad: bytes) -> bytes:
         return self._aead.encrypt(nonce, data, aad)
@@ -221,6 +223,8 @@ class Opener:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         final = self._is_end()
         i = self._index
+        from cryptography.exceptions import InvalidTag
+
         try:
             self._plain = self.key.open(chunk_nonce(self._base, i), data, chunk_aad(i, final, self._digest if final else b""))
         except InvalidTag:
@@ -244,6 +248,14 @@ class Opener:
         out = memoryview(self._plain)[self._pos : self._pos + n]
         self._pos += n
         return out
+
+
+def __getattr__(name: str):
+    if name == "InvalidTag":
+        from cryptography.exceptions import InvalidTag
+
+        return InvalidTag
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -117,11 +117,15 @@ class PageHashes:
         self._capacity = 0
         self._fd: int | None = None  # for the header, written at every segment
         self._pages = -1  # db_pages of the last update (-1: unknown, zero the tail)
+        self._parked = False  # unmapped by park(); the next use maps the file again
 
     def _map(self, pages: int) -> None:
         if self._mm is not None and pages <= self._capacity:
             return
-        capacity = max(1024, pages, self._capacity * 2)
+        # after park() the file keeps its capacity: map it as it is unless pages need more
+        grow = self._capacity * 2 if self._mm is not None or pages > self._capacity else self._capacity
+        capacity = max(1024, pages, grow)
+        self._parked = False
         if self._mm is not None:
             self._mm.flush()
             del self._mm
@@ -169,8 +173,32 @@ class PageHashes:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         os.pwrite(self._fd, head, 0)
 
+    @property
+    def parked(self) -> bool:
+        return self._mm is None and self._fd is None
+
+    def park(self) -> None:
+        """Unmap and close the file (an idle database: the map holds an fd); the next
+        use maps it again, at the same capacity."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._mm is None:
+            return
+        pages = self._pages
+        self.close()
+        self._pages = pages
+        self._parked = True
+
+    def _unpark(self) -> bool:
+        if self._parked:
+            self._map(0)
+        return self._mm is not None
+
     def get(self, pgno: int) -> int:
-        if self._mm is None or pgno > self._capacity:
+        if self._mm is None and not self._unpark():
+            return 0
+        if pgno > self._capacity:
             return 0
         return int(self._arr[pgno - 1])
 
@@ -187,7 +215,7 @@ class PageHashes:
         self._pages = db_pages
 
     def checksum(self, db_pages: int) -> int:
-        if self._mm is None or db_pages == 0:
+        if db_pages == 0 or (self._mm is None and not self._unpark()):
             return 0
         return int(np.bitwise_xor.reduce(self._arr[:db_pages]))
 
@@ -201,6 +229,7 @@ class PageHashes:
             os.close(self._fd)
             self._fd = None
         self._pages = -1
+        self._parked = False
 
 
 class ShadowLocked(Exception):
@@ -327,6 +356,10 @@ class ShadowLog:
                 os.close(self._dir_fds.pop(next(iter(self._dir_fds))))
             self._dir_fds[directory] = fd
         return fd
+
+    @property
+    def holds_fds(self) -> bool:
+        return bool(self._dir_fds) or self._state_fd is not None
 
     def close(self) -> None:
         """Release the cached descriptors (the shadow log stays usable; they reopen)."""

@@ -253,3 +253,32 @@ def test_nats_reset_drops_the_connection_and_the_next_operation_reconnects() -> 
         assert len(drv.get_bytes("k")) == 3 * MiB
         drv.put("k2", b"v")
         assert [info.key for info in drv.list()] == ["k", "k2"]
+
+
+def test_watchdog_thread_ends_when_idle_and_a_new_one_still_expires_a_hung_call() -> None:
+    """The replicas of idle databases cost no thread: the watchdog's thread ends after
+    LINGER seconds with nothing to watch, and the next operation starts another, which
+    still times a hung call out."""
+    from replicas.activity import Watch
+    from replicas.timeout import _Watchdog
+
+    expired: list[Watch] = []
+    dog = _Watchdog(0.3, expired.extend, time.monotonic)
+    dog.LINGER = 0.2
+    quick = Watch("head", "a", time.monotonic)
+    dog.add(quick)
+    first = dog._thread
+    assert first is not None and first.is_alive()
+    dog.remove(quick)
+    first.join(5)
+    assert not first.is_alive() and dog._thread is None
+    hung = Watch("put", "b", time.monotonic)
+    dog.add(hung)  # never removed: the call hangs
+    second = dog._thread
+    assert second is not None and second is not first
+    deadline = time.monotonic() + 5
+    while not expired and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert expired == [hung] and hung.expired
+    dog.stop()
+    assert not second.is_alive()

@@ -90,3 +90,37 @@ def test_one_agent_per_shadow_directory(tmp_path):
         ShadowLog(tmp_path / "s")
     first.release()
     ShadowLog(tmp_path / "s").release()  # free again once released
+
+
+def test_page_hashes_park_and_map_again_at_the_same_capacity(tmp_path):
+    """An idle database unmaps its page-hash table (the map holds an fd); the next use maps
+    the file again, with every hash and the position as they were, and no larger."""
+    import os
+
+    import numpy as np
+
+    from replicator.shadow import PageHashes
+
+    ph = PageHashes(tmp_path / "pagehash")
+    ph.reset("gen-a", 7, np.arange(1, 1501, dtype=np.uint64))
+    size = (tmp_path / "pagehash").stat().st_size
+    cks = ph.checksum(1500)
+    fds = len(os.listdir("/proc/self/fd"))
+    ph.park()
+    assert ph.parked and len(os.listdir("/proc/self/fd")) <= fds - 1
+    assert ph.get(1500) == 1500 and not ph.parked  # get maps it again
+    ph.park()
+    assert ph.checksum(1500) == cks  # so does checksum
+    ph.park()
+    ph.update({3: 99}, 1500)  # and update, which keeps the pages it was not given
+    assert ph.get(3) == 99 and ph.get(4) == 4
+    ph.park()
+    ph.set_position("gen-a", 8)
+    ph.park()
+    assert (tmp_path / "pagehash").stat().st_size == size  # never grown by mapping again
+    again = PageHashes(tmp_path / "pagehash")
+    assert again.load() == ("gen-a", 8) and again.get(3) == 99 and again.get(1500) == 1500
+    ph.update({1600: 5}, 1600)  # growing past the capacity still works after a park
+    assert ph.get(1600) == 5 and ph.get(1500) == 1500
+    ph.close()
+    again.close()

@@ -1,0 +1,77 @@
+"""End to end: an idle database parks (keeps only the pin connection's fds, the raw database
+fd, the -shm reader and the shadow lock) and picks up where it left off, through the app's own
+checkpoints and WAL restarts, without a new generation."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from harness import AgentProcess, has_snapshot, restore_equals_source, wait_for, write, write_config
+
+
+def open_files(pid: int, under: Path) -> Counter:
+    """The agent's open fds on files under a directory, by name relative to it."""
+    out: Counter = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{under}/") and not target.startswith(f"{under}/logs/"):
+            out[os.path.relpath(target, under)] += 1
+    return out
+
+
+def is_parked(files: Counter, db: Path) -> bool:
+    """Only the pin connection's fds (the database, its WAL, its -shm), the raw database fd,
+    the -shm reader and the shadow lock are open; plus the checkpoint connection's database
+    fd, which SQLite keeps for reuse while the pin's lock lasts, once a checkpoint ran."""
+    files = Counter(files)
+    return files.pop(db.name, 0) in (2, 3) and files == Counter(
+        {f"{db.name}-wal": 1, f"{db.name}-shm": 2, f".{db.name}-replicator/lock": 1}
+    )
+
+
+def wait_parked(pid: int, tmp_path: Path, db: Path, what: str) -> None:
+    try:
+        wait_for(lambda: is_parked(open_files(pid, tmp_path), db), timeout=20, what=what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; open: {dict(open_files(pid, tmp_path))}") from None
+
+
+def generations_started(log: Path) -> int:
+    return log.read_text().count('"event": "generation started"')
+
+
+def test_an_idle_database_parks_and_resumes_through_checkpoints(tmp_path):
+    db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "logs" / "agent.log"
+    log.parent.mkdir()
+    write(db, [["schema"], ["insert", 40, 500]])
+    # a low checkpoint threshold: the agent's checkpoints (on a connection it closes when
+    # parking, reopened at the next one) restart the WAL again and again
+    cfg = write_config(tmp_path / "r.yml", db, f"file://{replica}", min_checkpoint_page_count=100)
+    with AgentProcess("-c", str(cfg), log=log) as agent:
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        pid = agent.proc.pid
+        for round_ in range(2):
+            # parked: the checkpoint connection, the raw WAL fd, the page-hash map, the
+            # state file and the shadow folders are closed
+            wait_parked(pid, tmp_path, db, f"the idle database to park (round {round_})")
+            # the app (which leaves checkpoints to the agent) writes while it is parked,
+            # small transactions and one larger than the checkpoint threshold
+            write(db, [["autocheckpoint", 0], ["insert", 150, 700], ["batch", 300, 900], ["insert", 10, 300]], lib="apsw")
+        wait_parked(pid, tmp_path, db, "the database to park again")
+        # parking never costs a new generation: the pin, held while parked, keeps every frame
+        assert generations_started(log) == 1, log.read_text()[-3000:]
+        # the app checkpoints on its own too (which can restart the WAL before capture has
+        # read a commit of the new one: that costs a new generation, not data)
+        write(db, [["autocheckpoint", 50], ["insert", 100, 700], ["checkpoint", "TRUNCATE"], ["insert", 30, 700]], lib="apsw")
+        wait_parked(pid, tmp_path, db, "the database to park at the end")
+        assert agent.stop() == 0
+    text = log.read_text()
+    assert '"event": "capture failed' not in text
+    assert text.count('"event": "checkpoint"') >= 2  # the agent's own, after parking too
+    restore_equals_source(tmp_path, replica, db)
