@@ -133,8 +133,13 @@ def db_config(entry: DirConfig, path: str | os.PathLike) -> DbConfig:
 
 
 # -- discovery ----------------------------------------------------------------------------------
-def find_databases(entry: DirConfig) -> list[Path]:
-    """The SQLite databases of the entry, sorted (see the module doc for what counts)."""
+def find_databases(entry: DirConfig, known: frozenset[str] = frozenset()) -> list[Path]:
+    """The SQLite databases of the entry, sorted (see the module doc for what counts).
+
+    Files in `known` (databases the agent replicates) count without a look at their
+    header: opening and closing one would drop the POSIX locks its SQLite connections hold
+    (a close drops all of the process's locks on the file). A file that took the place of
+    one is caught by its inode (DirectoryWatcher._check)."""
     log = logs.get()
     found: list[Path] = []
     pending = [str(entry.dir)]
@@ -159,7 +164,7 @@ def find_databases(entry: DirConfig) -> list[Path]:
                     continue
             except OSError:
                 continue
-            if is_sqlite(item.path):
+            if item.path in known or is_sqlite(item.path):
                 found.append(Path(item.path))
             else:
                 log.debug("not an SQLite database (yet); skipped", path=item.path)
@@ -390,9 +395,9 @@ class DirectoryWatcher:
 
     def _rescan(self, i: int) -> None:
         """Bring the agent in step with the entry: add what is there, drop what is gone."""
-        found = set(find_databases(self.entries[i]))
         with self._lock:
             mine = {Path(p) for p, owner in self._owned.items() if owner == i}
+        found = set(find_databases(self.entries[i], frozenset(str(p) for p in mine)))
         for path in sorted(found - mine):
             self._discovered(i, path)
         for path in sorted(mine):

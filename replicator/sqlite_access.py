@@ -16,6 +16,7 @@ and closing any fd of the process on a file drops every POSIX lock it holds ther
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,29 @@ def agent_memory_settings() -> None:
         apsw.initialize()
 
 
+def _sqlite_db_fd(path: Path) -> int | None:
+    """The fd SQLite opened on the database file for the one connection of this process
+    that has it open, or None unless exactly one fd of the process is on that file (Linux:
+    /proc/self/fd). It stays open, at the same number, for as long as the connection:
+    SQLite never reopens a file it has open. Reading pages through it (pread, which leaves
+    its offset alone) spares an fd of our own per database, which could only be closed
+    with the connection anyway."""
+    try:
+        st = os.stat(path)
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    found = []
+    for name in names:
+        try:
+            fst = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue  # (among them the fd that listed the directory, closed by now)
+        if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino) and stat.S_ISREG(fst.st_mode):
+            found.append(int(name))
+    return found[0] if len(found) == 1 else None
+
+
 def _open(path: Path, busy_ms: int) -> apsw.Connection:
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
     conn.set_busy_timeout(busy_ms)
@@ -87,9 +111,12 @@ class SqliteAccess:
         self.barrier = False
         self.page_size = 0
         # POSIX locks belong to the process: closing ANY fd on the database file drops the
-        # locks SQLite holds through its own fds (our pin among them). So the agent opens
-        # the file once, for its raw page reads, and closes it only after SQLite is done.
+        # locks SQLite holds through its own fds (our pin among them). So the raw page
+        # reads use the pin connection's own fd, found when it opens (_sqlite_db_fd); where
+        # it cannot be found, the agent opens the file once and closes it only after SQLite
+        # is done.
         self.db_fd: int | None = None
+        self._own_db_fd = False  # db_fd is ours to close (else it is SQLite's)
 
     def open(self) -> None:
         """Open the connections; DatabaseUnavailable when the database cannot be replicated."""
@@ -106,7 +133,9 @@ class SqliteAccess:
                 )
             self.page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])
             self.pin_conn = conn
-            self.db_fd = os.open(self.db_path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _sqlite_db_fd(self.db_path)
+            self._own_db_fd = fd is None
+            self.db_fd = os.open(self.db_path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
         except apsw.Error as e:
             self.close()
             raise DatabaseUnavailable(f"cannot open database {self.db_path}: {e}") from None
@@ -145,9 +174,10 @@ class SqliteAccess:
                 except apsw.Error:
                     pass
         self.pin_conn = self.ckpt_conn = None
-        if self.db_fd is not None:
-            os.close(self.db_fd)
-            self.db_fd = None
+        if self.db_fd is not None and self._own_db_fd:
+            os.close(self.db_fd)  # (SQLite's own closed with its connection)
+        self.db_fd = None
+        self._own_db_fd = False
         self.index.close()
 
     # -- pin ----------------------------------------------------------------------------

@@ -412,3 +412,17 @@ def test_agent_adds_and_removes_databases_at_run_time(tmp_path):
         assert agent.add_database(make_config(config.dirs[0], c)) is not None
     finally:
         assert agent.stop()
+
+
+def test_known_databases_count_without_a_look_at_their_header(tmp_path):
+    """A rescan must not open a database the agent replicates: closing that fd would drop
+    the POSIX locks its SQLite connections hold. Known files count as they are (a file
+    that took the place of one is caught by its inode)."""
+    from replicator.discovery import find_databases
+
+    e = entry(tmp_path)
+    known = tmp_path / "known.db"
+    known.write_bytes(b"not read by the scan" + bytes(100))
+    (tmp_path / "other.db").write_bytes(b"not SQLite either" + bytes(100))
+    assert find_databases(e, frozenset({str(known)})) == [known]
+    assert find_databases(e) == []

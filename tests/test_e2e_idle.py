@@ -1,5 +1,5 @@
-"""End to end: an idle database parks (keeps only the pin connection's fds, the raw database
-fd, the -shm reader and the shadow lock) and picks up where it left off, through the app's own
+"""End to end: an idle database parks (keeps only the pin connection's fds, the -shm reader
+and the shadow lock) and picks up where it left off, through the app's own
 checkpoints and WAL restarts, without a new generation."""
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ def open_files(pid: int, under: Path) -> Counter:
 
 
 def is_parked(files: Counter, db: Path) -> bool:
-    """Only the pin connection's fds (the database, its WAL, its -shm), the raw database fd,
-    the -shm reader and the shadow lock are open; plus the checkpoint connection's database
-    fd, which SQLite keeps for reuse while the pin's lock lasts, once a checkpoint ran."""
+    """Only the pin connection's fds (the database, which raw page reads share, its WAL,
+    its -shm), the -shm reader and the shadow lock are open; plus the checkpoint
+    connection's database fd, which SQLite keeps for reuse while the pin's lock lasts,
+    once a checkpoint ran."""
     files = Counter(files)
-    return files.pop(db.name, 0) in (2, 3) and files == Counter(
+    return files.pop(db.name, 0) in (1, 2) and files == Counter(
         {f"{db.name}-wal": 1, f"{db.name}-shm": 2, f".{db.name}-replicator/lock": 1}
     )
 
@@ -75,3 +76,36 @@ def test_an_idle_database_parks_and_resumes_through_checkpoints(tmp_path):
     assert '"event": "capture failed' not in text
     assert text.count('"event": "checkpoint"') >= 2  # the agent's own, after parking too
     restore_equals_source(tmp_path, replica, db)
+
+
+def test_raw_page_reads_share_the_pin_connections_database_fd(tmp_path):
+    """The agent reads pages through the fd SQLite opened for its pin connection (one fd
+    fewer per database), and never closes it itself."""
+    import stat as stat_
+
+    from replicator.sqlite_access import SqliteAccess
+
+    db = tmp_path / "app.db"
+    write(db, [["schema"], ["insert", 5, 100]])  # (another process: no fd of ours on it)
+    ident = (db.stat().st_dev, db.stat().st_ino)
+
+    def fds_on_db() -> list[int]:
+        out = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                st = os.fstat(int(name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == ident and stat_.S_ISREG(st.st_mode):
+                out.append(int(name))
+        return out
+
+    sql = SqliteAccess(db)
+    sql.open()
+    try:
+        assert fds_on_db() == [sql.db_fd]  # SQLite's own, and only it
+        assert os.pread(sql.db_fd, 16, 0) == b"SQLite format 3\x00"
+        assert sql.pin() is not None
+    finally:
+        sql.close()
+    assert fds_on_db() == []  # closed with the connection, once
