@@ -105,6 +105,30 @@ def test_restarted_agent_continues_the_same_generation(tmp_path):
     restore_equals_source(tmp_path, replica, db)
 
 
+def test_a_stop_ships_the_whole_backlog_not_one_capture_step(tmp_path):
+    """SIGTERM while capture is behind by several steps (capture.MAX_STEP_FRAMES each):
+    the agent captures and ships all of it before it exits."""
+    step_env = {"REPLICATOR_MAX_STEP_FRAMES": "200"}
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    keeper = start_writer(db, [["insert", 1, 100], ["sleep", 120]], lib="apsw")  # the app stays connected
+    try:
+        wait_for(lambda: len(rows(db)) == 1, what="first row")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log", env_extra=step_env).start()
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        assert agent.stop() == 0
+        count = 2000  # ten steps at least
+        write(db, [["autocheckpoint", 0], ["insert", count, 100]], lib="apsw")
+        agent = AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log", env_extra=step_env).start()
+        assert agent.stop() == 0  # at once: a step or two taken, most of the backlog left
+        out = tmp_path / "restored.db"
+        cli("restore", "-o", str(out), f"file://{replica}", check=True)
+        assert len(rows(out)) == count + 1
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
 def test_backlog_larger_than_a_capture_step_is_taken_in_bites(tmp_path):
     """The app commits more frames while the agent is down than one capture step reads
     (capture.MAX_STEP_FRAMES): the restarted agent takes them in several steps, in the
