@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 WRITER = r"""
-import sqlite3, sys, time, os
+import signal, sqlite3, sys, time, os
+# SIGTERM ends it between two commits (a kill could land after a commit's frames are in
+# the WAL but before the WAL index counts them: the next opener would then count a row
+# that was never acknowledged, nor replicated)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 db, rate = sys.argv[1], float(sys.argv[2])
 conn = sqlite3.connect(db, timeout=10, isolation_level=None)
 conn.execute("PRAGMA journal_mode=WAL")
