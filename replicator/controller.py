@@ -209,7 +209,10 @@ class DatabaseReplicator:
                     captured = self.capture.step()
                     # stopping: the whole backlog, not one bite of it (what is committed ships)
                     while stopping and self.capture.behind and self._has_room():
-                        captured += self.capture.step()
+                        more = self.capture.step()  # (behind is only news from a step that captured)
+                        if not more:
+                            break
+                        captured += more
                 idle_steps = 0 if captured or self._woken else idle_steps + 1
                 # a change event can arrive before SQLite has published the commit in the
                 # WAL index (it writes the frames, fsyncs, then updates the index): look
