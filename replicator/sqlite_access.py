@@ -7,10 +7,10 @@ agent owns. Neither checkpoints on close, so stopping the agent never folds unsh
 into the database.
 
 An idle database keeps only what it must (park() closes the checkpoint connection, which
-reopens at the next checkpoint): the pin connection (the database, its WAL and its -shm),
-the raw database fd and the -shm reader. Those two stay open while the connections are: a
-connection in WAL mode holds a SHARED lock on the database file for as long as it is open,
-and closing any fd of the process on a file drops every POSIX lock it holds there.
+reopens at the next checkpoint): the pin connection (the database, whose fd also serves the
+raw page reads, its WAL and its -shm) and the -shm reader. The reader stays open while the
+connections are: a connection in WAL mode holds its locks for as long as it is open, and
+closing any fd of the process on a file drops every POSIX lock it holds there.
 """
 
 from __future__ import annotations
