@@ -79,6 +79,25 @@ def db_checksum_of_image(image: bytes | bytearray | memoryview, page_size: int, 
     return acc
 
 
+def xor_of_u64(buf: bytes | bytearray | memoryview, byteorder: str = "little") -> int:
+    """XOR of the unsigned 64-bit integers packed in buf (in byteorder); 0 when empty.
+
+    Folded in halves through one big integer: log2(n) C-level XORs instead of a Python
+    loop over n values (about 1 ms for a 256 MiB database's 65,536 page hashes).
+    """
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes % 8:
+        raise ValueError(f"{mv.nbytes} bytes are not a whole number of 64-bit values")
+    n = mv.nbytes // 8
+    x = int.from_bytes(mv, byteorder)  # either order puts each value on a 64-bit boundary
+    while n > 1:
+        half = (n + 1) // 2
+        shift = 64 * half
+        x = (x & ((1 << shift) - 1)) ^ (x >> shift)
+        n = half
+    return x
+
+
 # ---------------------------------------------------------------------------- header
 
 

@@ -18,13 +18,13 @@ never stitches across a gap.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import xxhash
 import zstandard
 
@@ -284,12 +284,12 @@ class Capture:
             if view.salts != (pos.salt1, pos.salt2) or header is None or header.salts != view.salts:
                 self.start_generation("wal-reset")  # the WAL restarted while the agent was down
                 return
-            if not self._rebuild_wal_pages(header, pos):
+            if not self._rebuild_wal_pages(header, pos, view):
                 self.start_generation("wal-mismatch")
                 return
             fd = self._fd()
             assert fd is not None
-            frames = list(scan_frames(fd, header, ChainPos(pos.index, pos.checksum1, pos.checksum2), end_index=view.mx_frame))
+            frames = list(scan_frames(fd, header, ChainPos(pos.index, pos.checksum1, pos.checksum2), end_index=view.mx_frame, vouched=view))
             txns, last = group_transactions(frames)
             if view.mx_frame > pos.index and (last is None or last.index != view.mx_frame):
                 self.start_generation("wal-mismatch")
@@ -310,7 +310,7 @@ class Capture:
         after = self.sql.index.read()
         if before is None or after is None or (before.salts, before.mx_frame, before.n_backfill) != (after.salts, after.mx_frame, after.n_backfill):
             return False
-        return (int(np.bitwise_xor.reduce(hashes)) if state.db_pages else 0) == state.db_checksum
+        return db_image.checksum_of(hashes) == state.db_checksum
 
     def _load_hashes(self, state: CaptureState) -> str | None:
         """Open the page-hash table at state's position, replaying shadow segments it lags."""
@@ -378,13 +378,14 @@ class Capture:
         os.replace(tmp, path)
         fsync_dir(self.shadow.root)
 
-    def _rebuild_wal_pages(self, header: WalHeader, pos: WalPosition) -> bool:
+    def _rebuild_wal_pages(self, header: WalHeader, pos: WalPosition, view: WalIndexHeader) -> bool:
+        """The page -> frame map of frames 1..pos.index, which must end at pos's checksum."""
         fd = self._fd()
-        if fd is None:
+        if fd is None or view.mx_frame < pos.index:
             return False
         pages: dict[int, int] = {}
         last = None
-        for f in scan_frames(fd, header, ChainPos.start(header), end_index=pos.index):
+        for f in scan_frames(fd, header, ChainPos.start(header), end_index=pos.index, vouched=view):
             pages[f.pgno] = f.index
             last = f
         if last is None or last.index != pos.index or (last.chain.checksum1, last.chain.checksum2) != (pos.checksum1, pos.checksum2):
@@ -455,12 +456,12 @@ class Capture:
         # bites of MAX_STEP_FRAMES, so that memory does not grow with it
         capped = bite and end_index - pos.index > MAX_STEP_FRAMES
         if capped:
-            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=pos.index + MAX_STEP_FRAMES))
+            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=pos.index + MAX_STEP_FRAMES, vouched=view))
             txns, last = group_transactions(frames)
             if last is None or frames[-1].index != pos.index + MAX_STEP_FRAMES:
                 capped = False  # one transaction larger than a bite, or a WAL that changed: all at once
         if not capped:
-            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=end_index))
+            frames = list(scan_frames(fd, header, self._chain_of(pos, header), end_index=end_index, vouched=view))
             txns, last = group_transactions(frames)
         del frames
         self.behind = capped  # more to take at once: the caller steps again without waiting for a change event
@@ -636,7 +637,7 @@ class Capture:
             if new_header is None or new_header.salts != view.salts or new_header.page_size != pos.page_size:
                 self.start_generation("wal-reset")
                 return 0
-            frames = list(scan_frames(fd, new_header, ChainPos.start(new_header), end_index=view.mx_frame))
+            frames = list(scan_frames(fd, new_header, ChainPos.start(new_header), end_index=view.mx_frame, vouched=view))
             new_txns, last = group_transactions(frames)
             if last is None or last.index != view.mx_frame:
                 self.start_generation("wal-reset")
@@ -806,7 +807,7 @@ class Capture:
         """Pin and read the frames 1..V of the pinned view (V = its mx_frame)."""
         return db_image.pinned_frames(self.sql, self._fd())
 
-    def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink, progress=None) -> np.ndarray:
+    def _read_image(self, page_size: int, db_pages: int, overlay: dict[int, int], sink, progress=None) -> array.array:
         """Stream the database image at the pinned view to sink; returns per-page hashes."""
         assert self.sql.db_fd is not None
         return db_image.read_image(self.sql.db_fd, self._fd(), page_size, db_pages, overlay, sink, progress)
@@ -850,7 +851,7 @@ class Capture:
                     if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
                         writer.close() if hasattr(writer, "close") else None
                         continue
-                cks = int(np.bitwise_xor.reduce(hashes)) if db_pages else 0
+                cks = db_image.checksum_of(hashes)
                 artefact = writer.finish(db_pages=db_pages, commit_time=now, db_checksum=cks, created=now)
             except BaseException:
                 raise
@@ -917,7 +918,7 @@ class Capture:
                 if after is None or (after.salts, after.n_backfill) != (view.salts, view.n_backfill):
                     writer.close() if hasattr(writer, "close") else None
                     continue
-            cks = int(np.bitwise_xor.reduce(hashes)) if state.db_pages else 0
+            cks = db_image.checksum_of(hashes)
             if cks != state.db_checksum:
                 writer.close() if hasattr(writer, "close") else None
                 self.log.error("database checksum does not match the captured history; starting a new generation",

@@ -6,14 +6,16 @@ Capture uses it for snapshots; `replicator verify` uses it to checksum a live da
 
 from __future__ import annotations
 
+import array
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import xxhash
 
+from replicator.artefact import xor_of_u64
 from replicator.sqlite_access import SqliteAccess
 from replicator.walindex import WalIndexHeader
 from replicator.walreader import ChainPos, FrameInfo, WalError, WalHeader, parse_wal_header, read_page, scan_frames
@@ -41,7 +43,7 @@ def pinned_frames(sql: SqliteAccess, wal_fd: int | None) -> tuple[WalIndexHeader
     if header is None or header.salts != view.salts:
         return None
     assert wal_fd is not None
-    frames = list(scan_frames(wal_fd, header, ChainPos.start(header), end_index=view.mx_frame))
+    frames = list(scan_frames(wal_fd, header, ChainPos.start(header), end_index=view.mx_frame, vouched=view))
     if not frames or frames[-1].index != view.mx_frame or not frames[-1].is_commit:
         return None
     return view, header, frames
@@ -55,11 +57,12 @@ def read_image(
     overlay: dict[int, int],
     sink: Callable[[memoryview], None] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
+) -> array.array:
     """Stream the image (db file pages, replaced by the WAL frames in overlay: page -> frame
-    index) to sink in chunks of about 4 MiB; returns the per-page hashes. progress, if
-    given, gets the bytes of each chunk once the sink has taken it."""
-    hashes = np.zeros(db_pages, dtype=np.uint64)
+    index) to sink in chunks of about 4 MiB; returns the per-page hashes (an array of
+    unsigned 64-bit integers, index = page - 1). progress, if given, gets the bytes of
+    each chunk once the sink has taken it."""
+    hashes = array.array("Q")
     chunk_pages = max(1, (4 << 20) // page_size)
     overlay_sorted = sorted(overlay)
     oi = 0
@@ -77,7 +80,7 @@ def read_image(
                 buf[off : off + page_size] = read_page(wal_fd, page_size, overlay[p])
             oi += 1
         mv = memoryview(buf)
-        hashes[first - 1 : first - 1 + n] = [h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)]
+        hashes.extend([h(mv[i * page_size : (i + 1) * page_size], seed=first + i) for i in range(n)])
         if sink is not None:
             sink(mv)
         if progress is not None:
@@ -85,9 +88,9 @@ def read_image(
     return hashes
 
 
-def checksum_of(hashes: np.ndarray) -> int:
+def checksum_of(hashes: array.array) -> int:
     """The whole-database checksum: XOR of the per-page hashes (0 for an empty database)."""
-    return int(np.bitwise_xor.reduce(hashes)) if len(hashes) else 0
+    return xor_of_u64(hashes, sys.byteorder)
 
 
 class LiveImageError(Exception):

@@ -20,23 +20,26 @@ segment in all.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from replicator import failpoints, keys
-from replicator.artefact import EncodedArtefact
+from replicator.artefact import EncodedArtefact, xor_of_u64
 from replicator.fsutil import fsync_dir
 
 import xxhash
 
 STATE_VERSION = 1
+_LITTLE = sys.byteorder == "little"
+_U64 = struct.Struct("<Q")
 _SLOT = 2048  # bytes per state slot
 _SLOT_HEAD = struct.Struct("<4sQI")  # magic, sequence number, JSON length
 _SLOT_MAGIC = b"RPLS"
@@ -105,15 +108,17 @@ class CaptureState:
 class PageHashes:
     """Per-page 64-bit hashes of the database at (generation, txid), in a memory-mapped file.
 
-    File: 64-byte header (generation id, txid) then one little-endian u64 per page.
+    File: 64-byte header (generation id, txid) then one little-endian u64 per page. On a
+    little-endian machine the map is read and written as an array of native u64 (a
+    memoryview cast); elsewhere each access packs and unpacks.
     """
 
     HEADER = 64
 
     def __init__(self, path: Path):
         self.path = path
-        self._mm: np.memmap | None = None
-        self._arr: np.ndarray | None = None
+        self._mm: mmap.mmap | None = None
+        self._arr: memoryview | None = None  # the hashes, cast to u64 (little-endian hosts)
         self._capacity = 0
         self._fd: int | None = None  # for the header, written at every segment
         self._pages = -1  # db_pages of the last update (-1: unknown, zero the tail)
@@ -126,31 +131,51 @@ class PageHashes:
         grow = self._capacity * 2 if self._mm is not None or pages > self._capacity else self._capacity
         capacity = max(1024, pages, grow)
         self._parked = False
-        if self._mm is not None:
-            self._mm.flush()
-            del self._mm
-            self._mm = None
-            self._arr = None
+        self._unmap()
         size = self.HEADER + capacity * 8
         with open(self.path, "r+b" if self.path.exists() else "w+b") as f:
             if os.fstat(f.fileno()).st_size < size:
                 # allocate the blocks now: a sparse file on a full filesystem would kill the
                 # process with SIGBUS at the first store through the map
                 os.posix_fallocate(f.fileno(), 0, size)
-        self._mm = np.memmap(self.path, dtype="<u8", mode="r+", offset=self.HEADER, shape=(capacity,))
-        # the same memory as a plain array: indexing a memmap runs Python code per access
-        self._arr = self._mm.view(np.ndarray)
+            self._mm = mmap.mmap(f.fileno(), size)
+        if _LITTLE:
+            self._arr = memoryview(self._mm)[self.HEADER : size].cast("Q")
         self._capacity = capacity
 
-    def reset(self, generation: str, txid: int, hashes: np.ndarray) -> None:
-        """Replace the whole table (a new snapshot)."""
+    def _unmap(self) -> None:
+        if self._arr is not None:
+            self._arr.release()
+            self._arr = None
+        if self._mm is not None:
+            self._mm.flush()
+            self._mm.close()
+            self._mm = None
+
+    def _set(self, pgno: int, value: int) -> None:
+        if self._arr is not None:
+            self._arr[pgno - 1] = value
+        else:
+            _U64.pack_into(self._mm, self.HEADER + 8 * (pgno - 1), value)
+
+    def _zero(self, first: int, end: int) -> None:
+        """Zero the hashes of pages first+1..end (0-based slots first..end-1)."""
+        if end > first:
+            self._mm[self.HEADER + 8 * first : self.HEADER + 8 * end] = bytes(8 * (end - first))
+
+    def reset(self, generation: str, txid: int, hashes: array.array) -> None:
+        """Replace the whole table (a new snapshot); hashes: native u64, index = page - 1."""
         self.close()
         self.path.unlink(missing_ok=True)
         self._capacity = 0
         self._map(len(hashes))
         assert self._mm is not None
-        self._mm[: len(hashes)] = hashes
-        self._mm[len(hashes) :] = 0
+        data = hashes
+        if sys.byteorder != "little":  # the file is little-endian
+            data = array.array("Q", hashes)
+            data.byteswap()
+        self._mm[self.HEADER : self.HEADER + 8 * len(hashes)] = memoryview(data).cast("B")
+        self._zero(len(hashes), self._capacity)
         self._pages = len(hashes)
         self.set_position(generation, txid)
 
@@ -200,31 +225,34 @@ class PageHashes:
             return 0
         if pgno > self._capacity:
             return 0
-        return int(self._arr[pgno - 1])
+        if self._arr is not None:
+            return self._arr[pgno - 1]
+        return _U64.unpack_from(self._mm, self.HEADER + 8 * (pgno - 1))[0]
 
     def update(self, changes: dict[int, int], db_pages: int) -> None:
         """Apply page -> hash changes and drop pages past db_pages."""
         self._map(db_pages)
         assert self._mm is not None
-        if changes:
-            idx = np.fromiter((p - 1 for p in changes), dtype=np.int64, count=len(changes))
-            vals = np.fromiter(changes.values(), dtype=np.uint64, count=len(changes))
-            self._arr[idx] = vals
+        arr = self._arr
+        if arr is not None:
+            for p, h in changes.items():
+                arr[p - 1] = h
+        else:
+            for p, h in changes.items():
+                self._set(p, h)
         if db_pages < self._pages or self._pages < 0:
-            self._arr[db_pages:] = 0  # the database shrank (or the table is new to us)
+            # the database shrank (or the table is new to us)
+            self._zero(db_pages, self._capacity)
         self._pages = db_pages
 
     def checksum(self, db_pages: int) -> int:
         if db_pages == 0 or (self._mm is None and not self._unpark()):
             return 0
-        return int(np.bitwise_xor.reduce(self._arr[:db_pages]))
+        with memoryview(self._mm) as mv:
+            return xor_of_u64(mv[self.HEADER : self.HEADER + 8 * db_pages], "little")
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.flush()
-            del self._mm
-            self._mm = None
-            self._arr = None
+        self._unmap()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

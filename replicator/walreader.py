@@ -20,21 +20,29 @@ The checksum is a linear recurrence over pairs of words (x0, x1)::
 
 i.e. s' = A s + B x with A = [[1, 1], [1, 2]] and B = [[1, 0], [1, 1]]. After n pairs,
 s_n = A^n s_0 + sum_k A^(n-1-k) B x_k: a frame's contribution (the sum) does not depend on
-the incoming state, so the contributions of many frames are one matrix product of the
-frames' words with precomputed coefficients, and only the cheap A^n s_0 + c chaining is
-left to a Python loop. The dot products run in uint64, which wraps modulo 2**64 and is
-therefore still exact modulo 2**32. `wal_checksum` is the plain reference.
+the incoming state, so it is a dot product of the frame's words with precomputed
+coefficients, and only the cheap A^n s_0 + c chaining is left per frame.
+`wal_checksum` is the plain reference.
+
+Capture computes no checksum for frames the WAL index vouches for (scan_frames'
+`vouched`): those are the frames SQLite's own readers read without one. The checksum
+chain is computed for a WAL file read alone (no index) and for what remains of an
+incarnation after a WAL restart (its index is gone).
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import os
 import struct
+import sys
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from operator import mul
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:
+    from replicator.walindex import WalIndexHeader
 
 __all__ = [
     "WAL_HEADER_SIZE",
@@ -69,9 +77,6 @@ _MASK32 = 0xFFFFFFFF
 _WAL_HDR = struct.Struct(">8I")
 _FRAME_HDR = struct.Struct(">6I")
 
-# Cap on the uint64 temporary the vectorised checksum builds (a chunk of 64 KiB frames
-# is processed in slices of this many bytes), so memory stays small whatever chunk_frames.
-_VECTOR_BYTES = 8 << 20
 
 
 class WalError(Exception):
@@ -204,50 +209,44 @@ def _matmul(x: tuple[int, int, int, int], y: tuple[int, int, int, int]) -> tuple
 
 
 @functools.lru_cache(maxsize=None)
-def _frame_coefficients(page_size: int) -> np.ndarray:
-    """Coefficients K (frame_words x 2, uint64) such that a whole frame's words w give the
-    frame's checksum contribution c = w @ K (mod 2**32).
+def _frame_coefficients(page_size: int) -> tuple[int, ...]:
+    """One packed coefficient per 32-bit word of a frame, (k0 << 96) | k1, such that the
+    frame's checksum contribution is c0 = sum(k0 * w), c1 = sum(k1 * w) (mod 2**32).
 
     The frame's checksummed input is n = 1 + page_size/8 pairs: words 0-1 (page number
     and commit field), then the page (words 6...). Words 2-5 (salts, stored checksum)
-    are not checksummed: their coefficients are 0. Pair k contributes A^(n-1-k) B x_k.
+    are not checksummed: their coefficients are 0. Pair k contributes A^(n-1-k) B x_k,
+    with A^(n-1-k) B = [[p00 + p01, p01], [p10 + p11, p11]] for A^(n-1-k) = [[p00, p01],
+    [p10, p11]]. Packing both coefficients in one integer halves the multiplications:
+    each product k1 * w is below 2**64 and a frame has at most 16,390 words, so the c1
+    sum stays below 2**96 and never reaches the c0 bits.
     """
     n = 1 + page_size // 8
-    # Powers P_j = A^j for j = 0..n-1, built incrementally: P_{j+1} = P_j A.
-    pw = np.empty((n, 4), dtype=np.uint64)
+    coeffs = [0] * ((page_size + FRAME_HEADER_SIZE) // 4)
+    # A^j for j = 0, 1, ...: pair k = n-1-j
     p00, p01, p10, p11 = 1, 0, 0, 1
     for j in range(n):
-        pw[j] = (p00, p01, p10, p11)
+        k = n - 1 - j
+        w = 0 if k == 0 else 4 + 2 * k  # pair 0: words 0, 1; pair k: words 4+2k, 5+2k
+        coeffs[w] = (((p00 + p01) & _MASK32) << 96) | ((p10 + p11) & _MASK32)
+        coeffs[w + 1] = (p01 << 96) | p11
         p00, p01, p10, p11 = (
             (p00 + p01) & _MASK32,
             (p00 + 2 * p01) & _MASK32,
             (p10 + p11) & _MASK32,
             (p10 + 2 * p11) & _MASK32,
         )
-    m = np.uint64(_MASK32)
-    # M = P B with B = [[1, 0], [1, 1]]: M = [[p00 + p01, p01], [p10 + p11, p11]].
-    m00 = (pw[:, 0] + pw[:, 1]) & m
-    m01 = pw[:, 1]
-    m10 = (pw[:, 2] + pw[:, 3]) & m
-    m11 = pw[:, 3]
-    # Pair k uses power j = n-1-k; reverse so that row k corresponds to pair k.
-    m00, m01, m10, m11 = m00[::-1], m01[::-1], m10[::-1], m11[::-1]
-    coeffs = np.zeros(((page_size + FRAME_HEADER_SIZE) // 4, 2), dtype=np.uint64)
-    # pair 0 = frame-header words 0, 1
-    coeffs[0] = (m00[0], m10[0])
-    coeffs[1] = (m01[0], m11[0])
-    # pairs 1..n-1 = page words 6, 7, 8, ...
-    coeffs[6::2, 0] = m00[1:]
-    coeffs[6::2, 1] = m10[1:]
-    coeffs[7::2, 0] = m01[1:]
-    coeffs[7::2, 1] = m11[1:]
-    coeffs.setflags(write=False)
-    return coeffs
+    return tuple(coeffs)
+
+
+_M96 = (1 << 96) - 1
 
 
 class FrameChecksummer:
-    """Vectorised frame checksums for one (page size, byte order); coefficients are
-    cached per page size, so constructing one is cheap."""
+    """Frame checksums through the linear form: a frame's contribution is one dot product
+    of its words with cached coefficients (C-level map and sum), the chaining a few
+    multiplications per frame. Used where no WAL index vouches for the frames (a
+    standalone WAL file, what remains of an incarnation after a WAL restart)."""
 
     def __init__(self, page_size: int, big_endian: bool):
         if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size & (page_size - 1):
@@ -255,25 +254,28 @@ class FrameChecksummer:
         self.page_size = page_size
         self.big_endian = big_endian
         self.frame_size = page_size + FRAME_HEADER_SIZE
-        self._dtype = np.dtype(">u4" if big_endian else "<u4")
+        self._swap = big_endian != (sys.byteorder == "big")
         self._coeffs = _frame_coefficients(page_size)
         # A^n for the n pairs of a frame: the state after a frame is A^n s + c.
         self._an = _matpow(1 + page_size // 8)
-        self._slice = max(1, _VECTOR_BYTES // (2 * self.frame_size))
 
-    def contributions(self, frames_buf: bytes | bytearray | memoryview, n_frames: int) -> np.ndarray:
-        """Each frame's checksum contribution (independent of the incoming state), as an
-        (n_frames, 2) uint64 array of values < 2**32."""
+    def contributions(self, frames_buf: bytes | bytearray | memoryview, n_frames: int) -> list[tuple[int, int]]:
+        """Each frame's checksum contribution (independent of the incoming state)."""
         need = n_frames * self.frame_size
         if n_frames < 0 or len(frames_buf) < need:
             raise ValueError(f"need {need} bytes for {n_frames} frames, got {len(frames_buf)}")
-        words = np.frombuffer(frames_buf, dtype=self._dtype, count=need // 4)
-        words = words.reshape(n_frames, self.frame_size // 4)
-        out = np.empty((n_frames, 2), dtype=np.uint64)
-        step = self._slice
-        for i in range(0, n_frames, step):
-            np.matmul(words[i : i + step].astype(np.uint64), self._coeffs, out=out[i : i + step])
-        out &= np.uint64(_MASK32)
+        if self._swap:
+            words = array.array("I")
+            words.frombytes(memoryview(frames_buf).cast("B")[:need])
+            words.byteswap()
+        else:
+            words = memoryview(frames_buf).cast("B")[:need].cast("I")
+        per = self.frame_size // 4
+        coeffs = self._coeffs
+        out = []
+        for i in range(0, n_frames * per, per):
+            s = sum(map(mul, coeffs, words[i : i + per]))
+            out.append(((s >> 96) & _MASK32, s & _MASK32))
         return out
 
     def chain(
@@ -283,7 +285,7 @@ class FrameChecksummer:
         `frames_buf` (each frame_size bytes, header first), starting from (s0, s1)."""
         a00, a01, a10, a11 = self._an
         result = []
-        for c0, c1 in self.contributions(frames_buf, n_frames).tolist():
+        for c0, c1 in self.contributions(frames_buf, n_frames):
             s0, s1 = (a00 * s0 + a01 * s1 + c0) & _MASK32, (a10 * s0 + a11 * s1 + c1) & _MASK32
             result.append((s0, s1))
         return result
@@ -304,14 +306,25 @@ def scan_frames(
     *,
     end_index: int | None = None,
     chunk_frames: int = 256,
+    vouched: WalIndexHeader | None = None,
 ) -> Iterator[FrameInfo]:
     """Yield each valid frame after `start.index`, in order.
 
-    Reads with os.pread in chunks of `chunk_frames` frames and checksums each chunk in one
-    vectorised pass. Stops silently at the end of the log: end of file, a partial frame
-    header or page, a salt mismatch, a page number of 0, a checksum mismatch, or after
-    frame `end_index`. Nothing is yielded when the header itself is not valid. Memory is
-    bounded by chunk_frames.
+    Reads with os.pread in chunks of `chunk_frames` frames. Stops silently at the end of
+    the log: end of file, a partial frame header or page, a salt mismatch, a page number
+    of 0, a checksum mismatch, or after frame `end_index`. Nothing is yielded when the
+    header itself is not valid. Memory is bounded by chunk_frames.
+
+    vouched: the WAL index's header of this incarnation, read from the -shm that SQLite's
+    connections share. It vouches that frames 1..vouched.mx_frame are whole and
+    committed: SQLite's own readers take them on its word, without a checksum (SQLite
+    verifies the chain only when it rebuilds the index, in recovery). With it, no checksum
+    is computed and each frame's stored checksum is its chain position; the scan ends at
+    vouched.mx_frame; the frame at start.index must carry start's checksum (the position
+    is in this incarnation's chain) and frame vouched.mx_frame the index's aFrameCksum.
+    Nothing is yielded when the index's salts are not the header's. A restart that
+    overwrites frames while they are read changes the index's salts first: callers that
+    do not hold the WAL check the salts again after reading the pages (see capture).
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
@@ -319,13 +332,27 @@ def scan_frames(
         return
     page_size = header.page_size
     frame_size = header.frame_size
-    summer = _checksummer(page_size, header.big_endian)
-    a00, a01, a10, a11 = summer._an
     salt1, salt2 = header.salt1, header.salt2
     unpack_hdr = _FRAME_HDR.unpack_from
     new_tuple = tuple.__new__
     index = start.index
     s0, s1 = start.checksum1 & _MASK32, start.checksum2 & _MASK32
+    last_cksum = None
+    if vouched is not None:
+        if vouched.salts != (salt1, salt2):
+            return
+        end_index = vouched.mx_frame if end_index is None else min(end_index, vouched.mx_frame)
+        last_cksum = vouched.frame_checksum
+        if index > 0:
+            anchor = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(index, page_size))
+            if len(anchor) < FRAME_HEADER_SIZE:
+                return
+            _, _, fs1, fs2, fc1, fc2 = unpack_hdr(anchor, 0)
+            if fs1 != salt1 or fs2 != salt2 or fc1 != s0 or fc2 != s1:
+                return
+    else:
+        summer = _checksummer(page_size, header.big_endian)
+        a00, a01, a10, a11 = summer._an
     while True:
         want = chunk_frames
         if end_index is not None:
@@ -338,16 +365,22 @@ def scan_frames(
         n = len(buf) // frame_size
         if n == 0:
             return
-        contrib = summer.contributions(buf, n).tolist()
+        if vouched is None:
+            contrib = summer.contributions(buf, n)
         for i in range(n):
             pos = i * frame_size
             pgno, commit, fs1, fs2, fc1, fc2 = unpack_hdr(buf, pos)
             if fs1 != salt1 or fs2 != salt2 or pgno == 0:
                 return
-            c0, c1 = contrib[i]
-            s0, s1 = (a00 * s0 + a01 * s1 + c0) & _MASK32, (a10 * s0 + a11 * s1 + c1) & _MASK32
-            if s0 != fc1 or s1 != fc2:
-                return
+            if vouched is None:
+                c0, c1 = contrib[i]
+                s0, s1 = (a00 * s0 + a01 * s1 + c0) & _MASK32, (a10 * s0 + a11 * s1 + c1) & _MASK32
+                if s0 != fc1 or s1 != fc2:
+                    return
+            else:
+                s0, s1 = fc1, fc2
+                if index + 1 == vouched.mx_frame and (fc1, fc2) != last_cksum:
+                    return
             index += 1
             # FrameInfo(index, pgno, commit, offset, ChainPos(index, s0, s1)), without the
             # Python-level __new__ of a NamedTuple (this runs for every frame)

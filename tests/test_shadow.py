@@ -95,14 +95,13 @@ def test_one_agent_per_shadow_directory(tmp_path):
 def test_page_hashes_park_and_map_again_at_the_same_capacity(tmp_path):
     """An idle database unmaps its page-hash table (the map holds an fd); the next use maps
     the file again, with every hash and the position as they were, and no larger."""
+    import array
     import os
-
-    import numpy as np
 
     from replicator.shadow import PageHashes
 
     ph = PageHashes(tmp_path / "pagehash")
-    ph.reset("gen-a", 7, np.arange(1, 1501, dtype=np.uint64))
+    ph.reset("gen-a", 7, array.array("Q", range(1, 1501)))
     size = (tmp_path / "pagehash").stat().st_size
     cks = ph.checksum(1500)
     fds = len(os.listdir("/proc/self/fd"))
@@ -124,3 +123,28 @@ def test_page_hashes_park_and_map_again_at_the_same_capacity(tmp_path):
     assert ph.get(1600) == 5 and ph.get(1500) == 1500
     ph.close()
     again.close()
+
+
+def test_page_hashes_packed_path_writes_the_same_file(tmp_path, monkeypatch):
+    """The table's file is little-endian u64 whatever the machine: the path taken where a
+    native cast would not be little-endian (struct packing) writes the same bytes and
+    reads the same values as the cast."""
+    import array
+
+    from replicator import shadow
+    from replicator.shadow import PageHashes
+
+    def exercise(path):
+        ph = PageHashes(path)
+        ph.reset("gen-b", 3, array.array("Q", [(i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(1, 2001)]))
+        ph.update({5: 2**64 - 1, 2500: 42}, 2500)  # grows past the capacity
+        ph.update({7: 1}, 1800)  # shrinks: pages past 1800 drop out
+        out = (ph.get(5), ph.get(7), ph.get(1800), ph.get(1801), ph.get(2500), ph.checksum(1800))
+        ph.close()
+        return out, path.read_bytes()
+
+    native = exercise(tmp_path / "native")
+    monkeypatch.setattr(shadow, "_LITTLE", False)
+    packed = exercise(tmp_path / "packed")
+    assert packed == native
+    assert native[0][:5] == (2**64 - 1, 1, (1800 * 0x9E3779B97F4A7C15) & (2**64 - 1), 0, 0)

@@ -468,7 +468,7 @@ def test_reference_checksum_basics():
 
 @pytest.mark.parametrize("page_size", [512, 1024, 4096, 65536])
 @pytest.mark.parametrize("big_endian", [False, True])
-def test_vectorised_equals_reference_random(page_size, big_endian):
+def test_linear_form_equals_reference_random(page_size, big_endian):
     rng = random.Random(page_size * 2 + big_endian)
     n = 6 if page_size < 65536 else 3
     buf = rng.randbytes(n * (page_size + 24))
@@ -487,16 +487,7 @@ def test_vectorised_equals_reference_random(page_size, big_endian):
         cs.chain(buf[:-1], n, 0, 0)
 
 
-def test_vectorised_slices_large_chunks(monkeypatch):
-    monkeypatch.setattr(walreader, "_VECTOR_BYTES", 3000)  # 2 frames of 512 per slice
-    rng = random.Random(9)
-    buf = rng.randbytes(7 * 536)
-    cs = FrameChecksummer(512, False)
-    assert cs._slice == 2
-    assert cs.chain(buf, 7, 5, 6) == reference_chain(buf, 7, 512, False, 5, 6)
-
-
-def test_vectorised_equals_stored_fixture_checksums():
+def test_linear_form_equals_stored_fixture_checksums():
     data = OK_WAL.read_bytes()
     cs = FrameChecksummer(4096, False)
     stored = [r[4:6] for r in raw_frame_headers(OK_WAL, 4096)]
@@ -612,7 +603,7 @@ def test_real_wal_chain_continuation(real_wal):
     assert [(f.chain.checksum1, f.chain.checksum2) for f in full] == [r[4:6] for r in raw]
 
 
-def test_real_wal_vectorised_equals_stored(real_wal):
+def test_real_wal_linear_form_equals_stored(real_wal):
     ps = real_wal["page_size"]
     data = real_wal["wal"].read_bytes()
     raw = raw_frame_headers(real_wal["wal"], ps)
@@ -677,3 +668,82 @@ def test_real_wal_restart_leaves_stale_tail(tmp_path):
         # the old chain position does not continue into the new log
         with WalFile(wal) as w:
             assert list(scan_frames(w.fd, w.header, old_frames[len(frames) - 1].chain)) == []
+
+
+# --------------------------------------------------------------------------- vouched scans
+
+
+def _index_of(real_wal):
+    from replicator.walindex import read_wal_index
+
+    view = read_wal_index(str(real_wal["db"]) + "-shm")
+    assert view is not None and view.mx_frame > 0
+    return view
+
+
+def test_vouched_scan_equals_the_checksummed_scan(real_wal):
+    """Frames the WAL index vouches for come out as the checksum chain finds them (same
+    frames, same chain positions: the stored checksums), from any start position."""
+    view = _index_of(real_wal)
+    full = scan_path(real_wal["wal"])
+    assert full[-1].index == view.mx_frame
+    assert scan_path(real_wal["wal"], vouched=view) == full
+    for k in sorted({1, len(full) // 2, len(full) - 1}):
+        assert scan_path(real_wal["wal"], start=full[k - 1].chain, vouched=view) == full[k:]
+        assert scan_path(real_wal["wal"], end_index=k, vouched=view) == full[:k]
+    for chunk in (1, 7):
+        assert scan_path(real_wal["wal"], chunk_frames=chunk, vouched=view) == full
+
+
+def test_vouched_scan_checks_its_anchors(real_wal):
+    """Without a checksum, the anchors still hold: a start that is not in this incarnation's
+    chain, an index of another incarnation, or a last frame that is not the one the index
+    names yields nothing past what is proven."""
+    from dataclasses import replace
+
+    view = _index_of(real_wal)
+    full = scan_path(real_wal["wal"])
+    k = len(full) // 2
+    bad_start = ChainPos(k, full[k - 1].chain.checksum1 ^ 1, full[k - 1].chain.checksum2)
+    assert scan_path(real_wal["wal"], start=bad_start, vouched=view) == []
+    other = replace(view, salts=(view.salts[0] + 1, view.salts[1]))
+    assert scan_path(real_wal["wal"], vouched=other) == []
+    wrong_last = replace(view, frame_checksum=(view.frame_checksum[0] ^ 1, view.frame_checksum[1]))
+    assert scan_path(real_wal["wal"], vouched=wrong_last) == full[:-1]
+    # the index bounds the scan: frames past its mx_frame are not taken
+    short = replace(view, mx_frame=k, frame_checksum=(full[k - 1].chain.checksum1, full[k - 1].chain.checksum2))
+    assert scan_path(real_wal["wal"], vouched=short) == full[:k]
+    assert scan_path(real_wal["wal"], end_index=len(full) + 5, vouched=short) == full[:k]
+
+
+def test_vouched_scan_stops_at_frames_of_another_incarnation(real_wal, tmp_path):
+    """A frame whose salts are not the header's ends the log, vouched or not (a restart
+    overwriting the WAL while it is read)."""
+    ps = real_wal["page_size"]
+    view = _index_of(real_wal)
+    full = scan_path(real_wal["wal"])
+    data = bytearray(real_wal["wal"].read_bytes())
+    k = len(full) // 2
+    off = frame_offset(k + 1, ps)
+    data[off + 8 : off + 12] = struct.pack(">I", view.salts[0] + 1)
+    p = tmp_path / "restarted-wal"
+    p.write_bytes(data)
+    assert scan_path(p, vouched=view) == full[:k]
+    assert scan_path(p) == full[:k]
+
+
+def test_xor_of_u64_equals_a_plain_loop():
+    from replicator.artefact import xor_of_u64
+
+    rng = random.Random(5)
+    for n in (0, 1, 2, 3, 7, 64, 1000, 4097):
+        values = [rng.getrandbits(64) for _ in range(n)]
+        expect = 0
+        for v in values:
+            expect ^= v
+        for order in ("little", "big"):
+            buf = b"".join(v.to_bytes(8, order) for v in values)
+            assert xor_of_u64(buf, order) == expect
+            assert xor_of_u64(memoryview(bytearray(buf)), order) == expect
+    with pytest.raises(ValueError):
+        xor_of_u64(b"123")
