@@ -142,9 +142,11 @@ def _raise_open_files_limit() -> None:
 def cmd_replicate(args) -> int:
     from replicator.config import adhoc_config
     from replicator.controller import Agent
+    from replicator import memory
     from replicator.sqlite_access import agent_memory_settings
 
     agent_memory_settings()  # before any connection (a bootstrap restore's among them)
+    memory.limit_arenas()  # before the agent's threads
 
     if args.db and args.url:
         config = adhoc_config(args.db, args.url)

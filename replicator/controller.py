@@ -11,7 +11,7 @@ from typing import Callable
 
 from replicas import RetryingDriver, TimeoutDriver, open_driver
 from replicas.metrics import MetricsDriver
-from replicator import keys, logs, metrics
+from replicator import keys, logs, memory, metrics
 from replicator.artefact import ArtefactHeader
 from replicator.capture import Capture
 from replicator.config import Config, DbConfig, ReplicaConfig
@@ -228,8 +228,9 @@ class DatabaseReplicator:
                 now = time.monotonic()
                 if captured:
                     active = now
-                elif not stopping and not rechecks and now - active >= self.PARK_AFTER:
-                    self.capture.park()  # a no-op when nothing reopened since the last one
+                elif not stopping and not rechecks and now - active >= self.PARK_AFTER and self.capture.parkable:
+                    self.capture.park()
+                    memory.trim()  # what the database let go of, and what start-up left free
                 if self.last_error is not None:
                     self.log.info("capture recovered")
                 self.last_error = None
