@@ -228,9 +228,12 @@ class _Watchdog:
 
     It sleeps until the earliest deadline, at most `timeout` (a new watch's deadline is
     never earlier than that, a deadline only moves later, and a paused watch comes back
-    with a fresh one), or until a watch arrives when there is none: adding a watch seldom
-    wakes it. With nothing to watch for LINGER seconds the thread ends (the next watch
-    starts another), so the replicas of idle databases cost no thread.
+    with a fresh one), and at most LINGER. Adding a watch wakes it only when the thread
+    would otherwise sleep past the new watch's deadline: with the default op-timeout (60 s)
+    against LINGER (5 s), never, so a busy replica's many short calls (77 a second at
+    1,000 tx/s) do not each wake a thread. With nothing to watch for LINGER seconds the
+    thread ends (the next watch starts another), so the replicas of idle databases cost no
+    thread.
     """
 
     LINGER = 5.0
@@ -243,16 +246,17 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._wake_at: float | None = None  # (clock) when the sleeping thread wakes by itself
 
     def add(self, watch: Watch) -> None:
         with self._cond:
-            idle = not self._watches
             self._watches.add(watch)
             if self._thread is None and not self._stopped:
+                self._wake_at = None
                 self._thread = threading.Thread(target=self._run, name="replicas-timeout-watchdog", daemon=True)
                 self._thread.start()
-            if idle:
-                self._cond.notify()
+            elif self._wake_at is None or self._wake_at > self._clock() + self._timeout:
+                self._cond.notify()  # it would sleep past this watch's deadline
 
     def remove(self, watch: Watch) -> None:
         with self._cond:
@@ -273,13 +277,14 @@ class _Watchdog:
                     return
                 expired, wait = self._due()
                 if not expired:
-                    if wait is None:
-                        self._cond.wait(self.LINGER)
-                        if not self._watches and not self._stopped:
-                            self._thread = None  # under the lock: add() starts a new one
-                            return
-                    else:  # (at most LINGER: removing the last watch does not wake it)
-                        self._cond.wait(min(wait, self.LINGER))
+                    # at most LINGER: neither removing the last watch nor adding one wakes it
+                    sleep = self.LINGER if wait is None else min(wait, self.LINGER)
+                    self._wake_at = self._clock() + sleep
+                    self._cond.wait(sleep)
+                    self._wake_at = None
+                    if wait is None and not self._watches and not self._stopped:
+                        self._thread = None  # under the lock: add() starts a new one
+                        return
                     continue
             self._on_expired(expired)
 

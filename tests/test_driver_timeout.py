@@ -282,3 +282,49 @@ def test_watchdog_thread_ends_when_idle_and_a_new_one_still_expires_a_hung_call(
     assert expired == [hung] and hung.expired
     dog.stop()
     assert not second.is_alive()
+
+
+def test_adding_a_watch_wakes_the_watchdog_only_when_it_would_sleep_past_the_deadline() -> None:
+    """A busy replica makes many short calls: with a timeout longer than LINGER, adding a
+    watch does not wake the watchdog's thread (it looks again within LINGER anyway); with
+    a timeout shorter than LINGER it must, and the hung call still expires in time."""
+    from replicas.activity import Watch
+    from replicas.timeout import _Watchdog
+
+    def sleeping(dog: _Watchdog) -> None:
+        deadline = time.monotonic() + 5
+        while dog._wake_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dog._wake_at is not None
+
+    expired: list[Watch] = []
+    dog = _Watchdog(60.0, expired.extend, time.monotonic)
+    dog.LINGER = 1.0
+    notified = []
+    real_notify = dog._cond.notify
+    dog._cond.notify = lambda *a: (notified.append(1), real_notify(*a))[1]  # type: ignore[method-assign]
+    first = Watch("put", "k0", time.monotonic)
+    dog.add(first)
+    dog.remove(first)
+    sleeping(dog)
+    for i in range(50):  # short calls: each added and removed while the thread sleeps
+        w = Watch("put", f"k{i + 1}", time.monotonic)
+        dog.add(w)
+        dog.remove(w)
+    assert notified == [] and expired == []
+    dog.stop()
+
+    short: list[Watch] = []
+    dog = _Watchdog(0.3, short.extend, time.monotonic)
+    dog.LINGER = 5.0
+    w = Watch("put", "a", time.monotonic)
+    dog.add(w)
+    dog.remove(w)
+    sleeping(dog)  # now asleep for LINGER, longer than the timeout
+    hung = Watch("put", "b", time.monotonic)
+    started = time.monotonic()
+    dog.add(hung)
+    while not short and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    assert short == [hung] and time.monotonic() - started < 4.0  # woken: not LINGER (5 s) late
+    dog.stop()
