@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,10 +176,19 @@ class Rig:
         return w
 
     def stop_writers(self) -> None:
+        # SIGTERM: the writer stops between two commits. A SIGKILL can land after a
+        # commit's frames are in the WAL but before the WAL index counts them; nobody
+        # replicates that unacknowledged commit, yet the test's own read of the source,
+        # the first opener after the agent stopped, recovers it from the WAL
         for w in self.writers:
             if w.poll() is None:
+                w.terminate()
+        for w in self.writers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 w.kill()
-            w.wait()
+                w.wait()
         self.writers = []
 
     def watch(self, seconds: float, *, until: Callable[[], bool] | None = None, outage: Outage | None = None) -> Outage:
