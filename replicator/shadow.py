@@ -120,7 +120,6 @@ class PageHashes:
         self._mm: mmap.mmap | None = None
         self._arr: memoryview | None = None  # the hashes, cast to u64 (little-endian hosts)
         self._capacity = 0
-        self._fd: int | None = None  # for the header, written at every segment
         self._pages = -1  # db_pages of the last update (-1: unknown, zero the tail)
         self._parked = False  # unmapped by park(); the next use maps the file again
 
@@ -194,20 +193,17 @@ class PageHashes:
 
     def set_position(self, generation: str, txid: int) -> None:
         head = generation.encode("ascii")[:40].ljust(40, b"\0") + txid.to_bytes(8, "little")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        os.pwrite(self._fd, head, 0)
+        if self._mm is None:
+            self._map(max(self._pages, 0))  # (after park(): the same capacity)
+        self._mm[: len(head)] = head  # through the map: no system call per segment
 
     @property
     def parked(self) -> bool:
-        return self._mm is None and self._fd is None
+        return self._mm is None
 
     def park(self) -> None:
-        """Unmap and close the file (an idle database: the map holds an fd); the next
-        use maps it again, at the same capacity."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Unmap the file (an idle database: the map holds an fd); the next use maps it
+        again, at the same capacity."""
         if self._mm is None:
             return
         pages = self._pages
@@ -253,9 +249,6 @@ class PageHashes:
 
     def close(self) -> None:
         self._unmap()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
         self._pages = -1
         self._parked = False
 

@@ -78,7 +78,6 @@ _WAL_HDR = struct.Struct(">8I")
 _FRAME_HDR = struct.Struct(">6I")
 
 
-
 class WalError(Exception):
     """The file is not a WAL this reader understands, or a page could not be read."""
 
@@ -237,9 +236,6 @@ def _frame_coefficients(page_size: int) -> tuple[int, ...]:
             (p10 + 2 * p11) & _MASK32,
         )
     return tuple(coeffs)
-
-
-_M96 = (1 << 96) - 1
 
 
 class FrameChecksummer:
