@@ -381,6 +381,7 @@ def main(argv=None) -> int:
                 errors.append(("/".join(map(str, nums)), repr(e)[:300]))
             finally:
                 procs.kill_all()
+                ctx.empty_trash()
             log(f"scenario {'/'.join(map(str, nums))}: done in {time.time() - t0:.0f}s")
     except KeyboardInterrupt:
         interrupted = True

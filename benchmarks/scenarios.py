@@ -43,6 +43,7 @@ class Ctx:
     configs: dict[str, str] = field(default_factory=dict)
     seed: int = 5
     s5_agent_rss: dict[str, float] = field(default_factory=dict)  # filled by scenario 5, used by 4
+    _discarded: int = 0
 
     def note_cmd(self, kind: str, cmd: str | list[str], config: Path | None = None) -> None:
         """Remember one example of each kind of command for the report ($WORK for the work dir)."""
@@ -60,11 +61,40 @@ class Ctx:
 
         return text.replace(str(self.work), "$WORK").replace(str(ROOT) + "/", "")
 
+    def discard(self, path: Path) -> None:
+        """Put a finished run's directory aside, to be deleted between scenarios
+        (empty_trash): not at once, where the next run would pay for it (see SETTLE_S)."""
+        if path.exists():
+            trash = self.work / "trash"
+            trash.mkdir(exist_ok=True)
+            self._discarded += 1
+            path.rename(trash / f"{self._discarded}-{path.name}")
+
+    def empty_trash(self) -> None:
+        """Delete what discard() put aside, then let ext4 forget the deletions (SETTLE_S)."""
+        trash = self.work / "trash"
+        if not trash.exists():
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+        if not self.quick:
+            self.log(f"  deleted the scenario's files; settling {SETTLE_S:g} s before the next measurement")
+            time.sleep(SETTLE_S)
+
     def by_label(self, label: str) -> Tool | None:
         for t in self.tools:
             if t.label == label:
                 return t
         return None
+
+
+# ext4 does not reuse an inode within 30 s (35 s while its inode-table block is dirty) of
+# its deletion: allocating a new inode walks past every recently deleted one in the group,
+# a buffer-cache lookup each. Deleting a run's few thousand files and then measuring the
+# next run made every file the next agent created cost that walk: up to a quarter of an
+# agent's CPU in scenario 2 (perf: __ext4_new_inode -> find_inode_bit -> recently_deleted),
+# whichever tool ran next. So runs' directories are deleted between scenarios, followed by
+# this pause.
+SETTLE_S = 36.0
 
 
 def shorten_config(text: str, keep: int = 2) -> str:
@@ -202,7 +232,7 @@ def s1_once(ctx: Ctx, tool: Tool, i: int, kill_after: float) -> dict:
         rec["window_s"] = None
     if not rec["intact"]:
         rec["log_tail"] = tail(d / "restore.log", 5)
-    shutil.rmtree(d, ignore_errors=True)
+    ctx.discard(d)
     return rec
 
 
@@ -295,7 +325,7 @@ def s2_once(ctx: Ctx, tool: Tool, i: int) -> dict:
             procs.kill(w)
     rec = {"tool": tool.label, "rep": i, "cpu_pct": (c1 - c0) / (t1 - t0) * 100, "seconds": t1 - t0,
            "writer_rate": ws.get("rate"), "rss_mib": rss / MiB, "agent_alive": alive}
-    shutil.rmtree(d, ignore_errors=True)
+    ctx.discard(d)
     return rec
 
 
@@ -394,7 +424,7 @@ def s3_once(ctx: Ctx, tool: Tool | None, i: int, check_restore: bool) -> dict:
             rec["all_shipped"] = False
             rec["log_tail"] = tail(d / "restore.log", 5)
         H.rm(out)
-    shutil.rmtree(d, ignore_errors=True)
+    ctx.discard(d)
     return rec
 
 
@@ -565,7 +595,7 @@ def scenario5_6(ctx: Ctx, want5: bool, want6: bool) -> list[Section]:
                                                                        if rec["maxrss_mib"] is not None else ""))
             raw.append(rec)
             H.rm(out)
-    shutil.rmtree(base_dir, ignore_errors=True)
+    ctx.discard(base_dir)
 
     size_s = f"{size_mib} MiB"
     s5 = Section(
@@ -654,7 +684,7 @@ def s7_once(ctx: Ctx, tool: Tool, n: int) -> dict:
                "fds": procs.fd_count(agent.pid), "threads": procs.threads(agent.pid), "seconds": t1 - t0}
     finally:
         procs.stop(agent.proc, 60)
-    shutil.rmtree(d, ignore_errors=True)
+    ctx.discard(d)
     return rec
 
 
@@ -757,7 +787,7 @@ def s8_once(ctx: Ctx, tool: Tool, i: int) -> dict:
                 lo = mid
         rec["catchup_s"] = max(0.0, watcher.states[idx[hi]][0] - t0)
         rec["restores_probed"] = len(cache)
-    shutil.rmtree(d, ignore_errors=True)
+    ctx.discard(d)
     return rec
 
 
