@@ -330,7 +330,7 @@ class Capture:
             for a in needed:
                 if a.first_txid > at + 1:
                     return "shadow-mismatch"
-                with open(self.shadow.path_of(a.key), "rb") as f:
+                with self.shadow.open(a.key) as f:
                     try:
                         header = read_header(f)
                         for txn, pgno, data in iter_segment_pages(f, header, encryption_key=self.encryption_key):
@@ -572,23 +572,24 @@ class Capture:
             key = parsed.key
             # a small segment's bytes go to the shippers too: none of them re-reads its file
             data = artefact.in_memory() if artefact.size <= ReplicaShipper.MEMORY_ARTEFACT_MAX else None
-            size = self.shadow.write(key, artefact, data)
+            last = txns[-1].commit
+            wal = WalPosition(
+                salt1=header.salt1,
+                salt2=header.salt2,
+                index=last.index,
+                checksum1=last.chain.checksum1,
+                checksum2=last.chain.checksum2,
+                big_endian=header.big_endian,
+                page_size=ps,
+                change=((state.wal.change if state.wal else 0) + len(txns)) & _MASK32,
+            )
+            after = replace(state, txid=txid, db_pages=db_pages, db_checksum=cks, commit_time=now, wal=wal)
+            # the segment and the state that covers it: one record, one fdatasync
+            size = self.shadow.append_segment(key, artefact, data, after)
         finally:
             artefact.close()
-        last = txns[-1].commit
-        wal = WalPosition(
-            salt1=header.salt1,
-            salt2=header.salt2,
-            index=last.index,
-            checksum1=last.chain.checksum1,
-            checksum2=last.chain.checksum2,
-            big_endian=header.big_endian,
-            page_size=ps,
-            change=((state.wal.change if state.wal else 0) + len(txns)) & _MASK32,
-        )
-        self.state = replace(state, txid=txid, db_pages=db_pages, db_checksum=cks, commit_time=now, wal=wal)
-        failpoints.hit("state-save")
-        self.shadow.save_state(self.state)
+        self.state = after
+        failpoints.hit("state-save")  # durable, not yet handed to the shippers
         hashes.update(changes, db_pages)
         hashes.set_position(state.generation, txid)
         for t in txns:

@@ -73,7 +73,7 @@ class DatabaseReplicator:
         self._local.append(key)
         if size is None:
             try:
-                size = self.capture.shadow.path_of(key.key).stat().st_size
+                size = self.capture.shadow.size_of(key.key)
             except FileNotFoundError:
                 size = 0
         self._local_bytes[key.key] = size
@@ -86,7 +86,7 @@ class DatabaseReplicator:
         # the header, size and (a small artefact's) bytes come from capture: no shipper
         # re-reads the artefact from the shadow log
         if size is None:
-            size = self.capture.shadow.path_of(key.key).stat().st_size
+            size = self.capture.shadow.size_of(key.key)
         self._remember(key, size)
         if header.txns:
             last = header.txns[-1]

@@ -7,21 +7,35 @@ on every replica.
     <shadow>/pagehash                   per-page hashes behind the incremental database checksum
     <shadow>/encryption                 the id of the key the current generation is encrypted
                                         with, or null (capture: a new key starts a new generation)
-    <shadow>/generations/...            artefacts, same keys as on a replica (replicator.keys)
+    <shadow>/generations/<g>/log/<seq>.log
+                                        segment records: each holds one segment and the capture
+                                        state that covers it (append-only, see below)
+    <shadow>/generations/...            snapshots (and segments of versions before 0.3), same
+                                        keys as on a replica (replicator.keys)
     <shadow>/tmp/                       spool files of artefacts being built
 
-Artefacts are written durably (fdatasync, directory fsync) before any shipper sees them and
-before the state that covers them; an artefact torn by a crash lies past the durable state,
-and the agent discards it at start (the WAL still holds its frames: the agent checkpoints
-only what the durable state covers). This write path runs for every segment, so it keeps
-its directory and state descriptors open and makes few system calls: about eight per
-segment in all.
+A segment is appended to its generation's current log file as one record: a header, the
+segment's key, the capture state after it, the segment's bytes and an xxh64 of all of
+them; one fdatasync makes the segment and the state that covers it durable together,
+before any shipper sees it. A crash mid-record leaves a tail whose checksum fails: it lies
+past the durable state and is ignored (the WAL still holds its frames: the agent
+checkpoints only what the durable state covers). Records and state slots share one
+sequence number; the newest valid one is the state. Rarer state changes (a new
+generation, a WAL restart) go to the state slots. A log file goes once every segment in
+it is on every replica and a newer record or slot holds the state. Snapshots, written
+rarely, stay files (fdatasync, directory fsync).
+
+Per segment this is one write and one fdatasync: no file created, renamed or unlinked, no
+directory synced (a file per segment cost a create, two fdatasyncs, a directory fsync and
+an unlink).
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
+import io
 import json
 import mmap
 import os
@@ -30,6 +44,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from replicator import failpoints, keys
 from replicator.artefact import EncodedArtefact, xor_of_u64
@@ -37,12 +52,21 @@ from replicator.fsutil import fsync_dir
 
 import xxhash
 
-STATE_VERSION = 1
+# 2: segments live in log records, whose states are newer than the slots; an agent that
+# reads only version 1 finds no state it knows and starts a new generation, instead of
+# resuming from a slot the records have overtaken
+STATE_VERSION = 2
+_STATE_VERSIONS_READ = (1, 2)
 _LITTLE = sys.byteorder == "little"
 _U64 = struct.Struct("<Q")
 _SLOT = 2048  # bytes per state slot
 _SLOT_HEAD = struct.Struct("<4sQI")  # magic, sequence number, JSON length
 _SLOT_MAGIC = b"RPLS"
+_REC_HEAD = struct.Struct("<4sQHHQ")  # magic, sequence number, key length, state length, artefact length
+_REC_MAGIC = b"RPLR"
+_REC_SUM = 8  # the trailing xxh64
+LOG_DIR = "log"
+LOG_ROLL_BYTES = 16 * 1024 * 1024  # a log file takes records until it is this large
 
 
 @dataclass(frozen=True)
@@ -91,7 +115,7 @@ class CaptureState:
 
     @classmethod
     def from_json(cls, d: dict) -> "CaptureState":
-        if d.get("version") != STATE_VERSION:
+        if d.get("version") not in _STATE_VERSIONS_READ:
             raise ValueError(f"unsupported shadow state version {d.get('version')!r}")
         wal = WalPosition(**d["wal"]) if d.get("wal") else None
         return cls(
@@ -257,6 +281,27 @@ class ShadowLocked(Exception):
     """Another agent holds the shadow directory; one line."""
 
 
+@dataclass
+class _LogFile:
+    """One append-only log file of segment records."""
+
+    path: Path
+    generation: str
+    end: int  # bytes of valid records: the next record goes here
+    live: int = 0  # segments in it not yet removed (shipped everywhere)
+    last_seq: int = 0  # sequence number of its newest record
+
+
+@dataclass(frozen=True)
+class _Record:
+    seq: int
+    key: str
+    state: dict
+    offset: int  # of the artefact's bytes in the file
+    length: int
+    end: int  # of the whole record
+
+
 class ShadowLog:
     """The local shadow directory of one database, locked (flock on <shadow>/lock) for as
     long as this object lives: two agents replicating one database would interleave two
@@ -276,8 +321,27 @@ class ShadowLog:
                 stale.unlink(missing_ok=True)
         self.hashes = PageHashes(self.root / "pagehash")
         self._state_fd: int | None = None
-        self._state_seq = 0
         self._dir_fds: dict[Path, int] = {}
+        # segment records: key -> (log, offset, length); the newest record's (seq, state)
+        self._logs: dict[Path, _LogFile] = {}
+        self._segments: dict[str, tuple[_LogFile, int, int]] = {}
+        self._log_newest: tuple[int, dict] | None = None
+        self._active: _LogFile | None = None  # the log file appends go to
+        self._active_fd: int | None = None
+        for path in _log_files(self.root):
+            log = _LogFile(path, path.parent.parent.name, 0)
+            for rec in _read_records(path):
+                self._segments[rec.key] = (log, rec.offset, rec.length)
+                log.live += 1
+                log.last_seq, log.end = rec.seq, rec.end
+                if self._log_newest is None or rec.seq > self._log_newest[0]:
+                    self._log_newest = (rec.seq, rec.state)
+            if log.live:
+                self._logs[path] = log
+            else:  # created but never written (a crash, or a full disk, right after)
+                path.unlink(missing_ok=True)
+        slots = _read_slots(self.root / "state")
+        self._state_seq = max([seq for seq, _ in slots] + [self._log_newest[0] if self._log_newest else 0])
 
     def _lock(self) -> int:
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -304,7 +368,15 @@ class ShadowLog:
 
     # -- state --------------------------------------------------------------------------
     def load_state(self) -> CaptureState | None:
-        return read_state(self.root)
+        """The newest durable state: of the state slots and the segment records."""
+        if self._log_newest is not None:
+            seq, d = self._log_newest
+            if all(seq > s for s, _ in _read_slots(self.root / "state")):
+                try:
+                    return CaptureState.from_json(d)
+                except (ValueError, KeyError, TypeError):
+                    pass
+        return read_state(self.root, logs=False)
 
     def save_state(self, state: CaptureState) -> None:
         """Make state durable: written into the older of two checksummed slots, so a torn
@@ -313,11 +385,14 @@ class ShadowLog:
         if _SLOT_HEAD.size + len(body) + 8 > _SLOT:
             raise ValueError("capture state too large for its slot")
         fd = self._state_file()
-        self._state_seq += 1
-        record = _SLOT_HEAD.pack(_SLOT_MAGIC, self._state_seq, len(body)) + body
+        seq = self._state_seq + 1
+        record = _SLOT_HEAD.pack(_SLOT_MAGIC, seq, len(body)) + body
         record += xxhash.xxh64_intdigest(record).to_bytes(8, "little")
-        os.pwrite(fd, record, (self._state_seq % 2) * _SLOT)
+        os.pwrite(fd, record, (seq % 2) * _SLOT)
         os.fdatasync(fd)
+        self._state_seq = seq
+        for log in list(self._logs.values()):  # what they held of the state is superseded
+            self._maybe_drop(log)
 
     def _state_file(self) -> int:
         if self._state_fd is None:
@@ -328,17 +403,29 @@ class ShadowLog:
                 os.ftruncate(fd, 2 * _SLOT)
                 os.fsync(fd)
                 fsync_dir(self.root)
-            self._state_seq = max((seq for seq, _ in _read_slots(path)), default=0)
             self._state_fd = fd
         return self._state_fd
 
     # -- artefacts ----------------------------------------------------------------------
     def path_of(self, key: str) -> Path:
+        """Where a snapshot (or a segment file of an earlier version) lies."""
         return self.root / key
 
+    def open(self, key: str) -> BinaryIO:
+        """The artefact's bytes as a stream to close; FileNotFoundError when it is gone."""
+        held = self._segments.get(key)
+        if held is None:
+            return open(self.path_of(key), "rb")
+        log, offset, length = held
+        return io.BufferedReader(_Slice(os.open(log.path, os.O_RDONLY | os.O_CLOEXEC), offset, length), 256 * 1024)
+
+    def size_of(self, key: str) -> int:
+        held = self._segments.get(key)
+        return held[2] if held is not None else self.path_of(key).stat().st_size
+
     def write(self, key: str, artefact: EncodedArtefact, data: bytes | None = None) -> int:
-        """Write an artefact durably under key (data: the whole artefact, when the caller
-        holds it in memory already); returns its size."""
+        """Write an artefact durably as a file under key (a snapshot; data: the whole
+        artefact, when the caller holds it in memory already); returns its size."""
         path = self.path_of(key)
         try:
             dirfd = self._dir_fd(path.parent)
@@ -362,6 +449,83 @@ class ShadowLog:
             raise OSError(e.errno, f"shadow directory {self.root}: cannot write {key}: {e.strerror or e}") from None
         return artefact.size
 
+    def append_segment(self, key: str, artefact: EncodedArtefact, data: bytes | None, state: CaptureState) -> int:
+        """Append a segment and the capture state after it to the generation's log as one
+        record, durably (one fdatasync); returns the segment's size."""
+        as_json = state.to_json()
+        body = json.dumps(as_json, sort_keys=True).encode()
+        kb = key.encode()
+        try:
+            log, fd = self._log_for(state.generation)
+            seq = self._state_seq + 1
+            head = _REC_HEAD.pack(_REC_MAGIC, seq, len(kb), len(body), artefact.size) + kb + body
+            out = _LogWriter(fd, log.end)
+            try:
+                out.write(head)
+                if data is None:
+                    artefact.write_to(out)
+                else:  # in two writes, as write_to does: a crash between them tears it
+                    view = memoryview(data)
+                    out.write(view[: len(artefact.prefix)])
+                    out.write(view[len(artefact.prefix) :])
+                out.seal()
+                os.fdatasync(fd)
+            except BaseException:
+                # the next record goes where this one began, under a new sequence number
+                # (this one may be whole on disk if only the fdatasync failed)
+                self._state_seq = seq
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, log.end)
+                raise
+        except OSError as e:  # say where: "No space left on device" alone names nothing
+            raise OSError(e.errno, f"shadow directory {self.root}: cannot write {key}: {e.strerror or e}") from None
+        self._state_seq = seq
+        self._segments[key] = (log, log.end + len(head), artefact.size)
+        log.end, log.live, log.last_seq = out.pos, log.live + 1, seq
+        self._log_newest = (seq, as_json)
+        if len(self._logs) > 1:  # an older log kept only for the state it held
+            for other in [o for o in self._logs.values() if not o.live and o is not log]:
+                self._maybe_drop(other)
+        return artefact.size
+
+    def _log_for(self, generation: str) -> tuple[_LogFile, int]:
+        """The log file (and descriptor) the generation's next record goes to: the current
+        one until it is LOG_ROLL_BYTES large, then a new one."""
+        log = self._active
+        if log is not None and (log.generation != generation or log.end >= LOG_ROLL_BYTES):
+            self._close_active()
+            self._maybe_drop(log)
+            log = None
+        if log is None:
+            directory = self.root / keys.GENERATIONS / generation / LOG_DIR
+            dirfd = self._dir_fd(directory)
+            name = f"{self._state_seq + 1:016x}.log"
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+            os.fsync(dirfd)
+            log = _LogFile(directory / name, generation, 0)
+            self._logs[log.path] = log
+            self._active, self._active_fd = log, fd
+        elif self._active_fd is None:  # parked
+            self._active_fd = os.open(log.path, os.O_RDWR | os.O_CLOEXEC)
+        assert self._active_fd is not None
+        return log, self._active_fd
+
+    def _close_active(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+        self._active = self._active_fd = None
+
+    def _maybe_drop(self, log: _LogFile) -> None:
+        """Delete a log file that holds nothing needed: every segment in it shipped, and
+        the state in a newer record or slot."""
+        if log.live or log.last_seq >= self._state_seq:
+            return
+        if log is self._active:
+            self._close_active()
+        self._logs.pop(log.path, None)
+        with contextlib.suppress(FileNotFoundError):
+            log.path.unlink()
+
     def _dir_fd(self, directory: Path) -> int:
         """An open descriptor of directory (created durably if missing), cached."""
         fd = self._dir_fds.get(directory)
@@ -380,7 +544,7 @@ class ShadowLog:
 
     @property
     def holds_fds(self) -> bool:
-        return bool(self._dir_fds) or self._state_fd is not None
+        return bool(self._dir_fds) or self._state_fd is not None or self._active_fd is not None
 
     def close(self) -> None:
         """Release the cached descriptors (the shadow log stays usable; they reopen)."""
@@ -390,8 +554,16 @@ class ShadowLog:
         if self._state_fd is not None:
             os.close(self._state_fd)
             self._state_fd = None
+        if self._active_fd is not None:  # the log stays current: appends reopen it
+            os.close(self._active_fd)
+            self._active_fd = None
 
     def remove(self, key: str) -> None:
+        held = self._segments.pop(key, None)
+        if held is not None:
+            held[0].live -= 1
+            self._maybe_drop(held[0])
+            return
         try:
             os.unlink(f"{self._root_str}/{key}")
         except FileNotFoundError:
@@ -399,25 +571,30 @@ class ShadowLog:
 
     def list(self) -> list[keys.ArtefactKey]:
         """Every artefact held locally, in (generation, kind, txid) order."""
-        out = []
+        out = [a for a in map(keys.parse_key, self._segments) if a is not None]
         base = self.root / keys.GENERATIONS
-        if not base.exists():
-            return out
-        for gen_dir in base.iterdir():
-            for folder in ("snapshots", "segments"):
-                d = gen_dir / folder
-                if not d.is_dir():
-                    continue
-                for entry in d.iterdir():
-                    parsed = keys.parse_key(f"{keys.GENERATIONS}/{gen_dir.name}/{folder}/{entry.name}")
-                    if parsed is not None:
-                        out.append(parsed)
+        if base.exists():
+            for gen_dir in base.iterdir():
+                for folder in ("snapshots", "segments"):
+                    d = gen_dir / folder
+                    if not d.is_dir():
+                        continue
+                    for entry in d.iterdir():
+                        parsed = keys.parse_key(f"{keys.GENERATIONS}/{gen_dir.name}/{folder}/{entry.name}")
+                        if parsed is not None:
+                            out.append(parsed)
         out.sort(key=lambda a: (a.generation, a.first_txid, a.kind != keys.SNAPSHOT, a.last_txid))
         return out
 
     def drop_generation(self, generation: str) -> None:
         for d in [d for d in self._dir_fds if generation in d.parts]:
             os.close(self._dir_fds.pop(d))
+        if self._active is not None and self._active.generation == generation:
+            self._close_active()
+        for path in [p for p, log in self._logs.items() if log.generation == generation]:
+            del self._logs[path]
+        for key in [k for k, (log, _, _) in self._segments.items() if log.generation == generation]:
+            del self._segments[key]
         shutil.rmtree(self.root / keys.GENERATIONS / generation, ignore_errors=True)
 
     def size(self) -> int:
@@ -425,7 +602,7 @@ class ShadowLog:
         total = 0
         for a in self.list():
             try:
-                total += self.path_of(a.key).stat().st_size
+                total += self.size_of(a.key)
             except FileNotFoundError:
                 pass
         return total
@@ -448,6 +625,114 @@ class _FdWriter:
             failpoints.hit("segment-write")  # a torn artefact (crash-torture tests)
             view = view[n:]
         return total
+
+
+class _LogWriter:
+    """Writes one record at an offset of a log file, hashing what it writes; seal() adds
+    the hash."""
+
+    def __init__(self, fd: int, pos: int) -> None:
+        self.fd = fd
+        self.pos = pos
+        self._hash = xxhash.xxh64()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        self._hash.update(view)
+        while view:
+            n = os.pwrite(self.fd, view, self.pos)
+            failpoints.hit("segment-write")  # a torn record (crash-torture tests)
+            self.pos += n
+            view = view[n:]
+        return total
+
+    def seal(self) -> None:
+        digest = self._hash.intdigest().to_bytes(_REC_SUM, "little")
+        while digest:
+            n = os.pwrite(self.fd, digest, self.pos)
+            self.pos += n
+            digest = digest[n:]
+
+
+class _Slice(io.RawIOBase):
+    """A read-only stream over bytes [offset, offset + length) of a file; owns fd."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._start = offset
+        self._end = offset + length
+        self._pos = offset
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._pos)
+        if not data:
+            raise OSError(f"shadow log {self._fd}: ended early")
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def _log_files(root: Path) -> list[Path]:
+    """The segment log files of a shadow directory, oldest first (by sequence number)."""
+    base = root / keys.GENERATIONS
+    if not base.is_dir():
+        return []
+    return sorted(base.glob(f"*/{LOG_DIR}/*.log"), key=lambda p: p.name)
+
+
+def _read_records(path: Path) -> list[_Record]:
+    """The valid records of a log file, in order, up to the first that is not (a tail torn
+    by a crash, which lies past the durable state)."""
+    out: list[_Record] = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return out
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos + _REC_HEAD.size + _REC_SUM <= size:
+            head = os.pread(fd, _REC_HEAD.size, pos)
+            magic, seq, klen, slen, alen = _REC_HEAD.unpack(head)
+            end = pos + _REC_HEAD.size + klen + slen + alen + _REC_SUM
+            if magic != _REC_MAGIC or end > size:
+                break
+            h = xxhash.xxh64(head)
+            meta = os.pread(fd, klen + slen, pos + _REC_HEAD.size)
+            h.update(meta)
+            offset = pos + _REC_HEAD.size + klen + slen
+            at, left = offset, alen
+            while left:  # the artefact, hashed in pieces
+                chunk = os.pread(fd, min(left, 1 << 20), at)
+                if not chunk:
+                    break
+                h.update(chunk)
+                at += len(chunk)
+                left -= len(chunk)
+            if left or h.intdigest() != int.from_bytes(os.pread(fd, _REC_SUM, end - _REC_SUM), "little"):
+                break
+            try:
+                key = meta[:klen].decode()
+                state = json.loads(meta[klen:])
+            except ValueError:
+                break
+            out.append(_Record(seq, key, state, offset, alen, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
 
 
 def _read_slots(path: Path) -> list[tuple[int, dict]]:
@@ -474,10 +759,16 @@ def _read_slots(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def read_state(root: str | os.PathLike) -> CaptureState | None:
-    """The durable capture state of a shadow directory (no side effects), or None."""
+def read_state(root: str | os.PathLike, logs: bool = True) -> CaptureState | None:
+    """The durable capture state of a shadow directory (no side effects), or None: the
+    newest of the state slots and (logs) the segment records."""
     root = Path(root)
     slots = _read_slots(root / "state")
+    if logs:
+        for path in _log_files(root):
+            records = _read_records(path)
+            if records:
+                slots.append((records[-1].seq, records[-1].state))
     candidates = [d for _, d in sorted(slots, key=lambda r: r[0], reverse=True)]
     legacy = root / "state.json"
     if not slots and legacy.exists():

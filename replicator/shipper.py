@@ -135,11 +135,10 @@ class ReplicaShipper:
             ReplicaShipper._held_total -= n
 
     def _pending_for(self, key: keys.ArtefactKey) -> Pending | None:
-        path = self.shadow.path_of(key.key)
         try:
-            with open(path, "rb") as f:
+            with self.shadow.open(key.key) as f:
                 header = read_header(f)
-            size = path.stat().st_size
+            size = self.shadow.size_of(key.key)
         except FileNotFoundError:
             return None
         except ArtefactError as e:
@@ -152,18 +151,30 @@ class ReplicaShipper:
         current generation is listed too, to learn which of its snapshots the replica has."""
         generations = sorted({a.generation for a in artefacts} | ({current_generation} if current_generation else set()))
         local = {a.key for a in artefacts}
+        reached: dict[str, int] = {}  # per generation, the newest txid the replica holds
         try:
             for gen in generations:
+                newest_segment = ""
                 for info in self.driver.list(keys.generation_prefix(gen)):
                     # what the shadow log holds, and snapshots: a replica's segments are
                     # not kept here (there may be millions; see forget)
                     if info.key in local or info.key.endswith(".snapshot"):
                         self.uploaded.add(info.key)
+                    if info.key.endswith(".segment") and info.key > newest_segment:
+                        newest_segment = info.key  # (segment keys sort by first txid)
+                held = [k for k in map(keys.parse_key, [newest_segment, *(u for u in self.uploaded if u.endswith(".snapshot"))]) if k is not None and k.generation == gen]
+                if held:
+                    reached[gen] = max(k.last_txid for k in held)
             self._known_listing = True
         except StorageError as e:
             self.last_error = str(e)
             self.log.warning("cannot list replica; will upload everything pending", error=str(e))
         for a in artefacts:
+            # uploads go in order: a segment below what the replica holds was uploaded
+            # before (and pruned since, by retention); the shadow log may still list it
+            # (its log file also holds the newest capture state)
+            if a.key not in self.uploaded and a.kind == keys.SEGMENT and a.last_txid <= reached.get(a.generation, -1):
+                self.uploaded.add(a.key)
             if a.key in self.uploaded:
                 self._advance(a)
             else:
@@ -268,7 +279,6 @@ class ReplicaShipper:
 
     def upload(self, item: Pending) -> bool:
         """Upload one artefact; True on success (it is then removed from the queue)."""
-        path = self.shadow.path_of(item.key.key) if item.data is None else None
         started = time.monotonic()
         bar = self._catchup
         base = bar.done if bar is not None else 0
@@ -281,7 +291,7 @@ class ReplicaShipper:
             if item.data is not None:
                 self.driver.put(item.key.key, item.data, size=item.size, progress=moving)
             else:
-                with open(path, "rb") as f:
+                with self.shadow.open(item.key.key) as f:
                     self.driver.put(item.key.key, f, size=item.size, progress=moving)
         except FileNotFoundError:
             self.log.error("shadow artefact vanished before upload", key=item.key.key)

@@ -148,3 +148,188 @@ def test_page_hashes_packed_path_writes_the_same_file(tmp_path, monkeypatch):
     packed = exercise(tmp_path / "packed")
     assert packed == native
     assert native[0][:5] == (2**64 - 1, 1, (1800 * 0x9E3779B97F4A7C15) & (2**64 - 1), 0, 0)
+
+
+# -- the segment log: one record per segment, holding the segment and the state after it --
+
+GEN = "20261122T000000000000Z-abcd"
+
+
+def _segment(txid: int, payload: int = 1):
+    from replicator.artefact import SegmentWriter
+
+    w = SegmentWriter(GEN, 4096, codec="zstd", level=3)
+    w.add_txn(txid, [(p, bytes([txid % 251]) * 4096) for p in range(1, payload + 1)], db_pages=payload, commit_time=float(txid), db_checksum=txid)
+    return w.finish(created=float(txid))
+
+
+def _seg_key(txid: int) -> str:
+    return f"generations/{GEN}/segments/{txid:016x}-{txid:016x}.{1000 + txid}.segment"
+
+
+def _append(log: ShadowLog, txid: int, payload: int = 1, in_memory: bool = True) -> bytes:
+    artefact = _segment(txid, payload)
+    try:
+        data = artefact.in_memory() if in_memory else None
+        assert log.append_segment(_seg_key(txid), artefact, data, _state(txid)) == artefact.size
+        return artefact.to_bytes()
+    finally:
+        artefact.close()
+
+
+def _log_paths(root):
+    return sorted((root / "generations" / GEN / "log").glob("*.log"))
+
+
+def test_a_segment_and_its_state_are_one_record_read_back_after_a_restart(tmp_path):
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    log.save_state(_state(0))
+    written = {t: _append(log, t, in_memory=t % 2 == 0) for t in range(1, 5)}
+    assert log.load_state() == _state(4)
+    assert [a.key for a in log.list()] == [_seg_key(t) for t in range(1, 5)]
+    for t, data in written.items():
+        with log.open(_seg_key(t)) as f:
+            assert f.read() == data
+        assert log.size_of(_seg_key(t)) == len(data)
+    assert not list((root / "generations" / GEN).glob("segments/*"))  # no file per segment
+    assert len(_log_paths(root)) == 1
+    log.release()
+    again = ShadowLog(root)  # an agent restart
+    assert again.load_state() == _state(4) and read_state(root) == _state(4)
+    assert [a.key for a in again.list()] == [_seg_key(t) for t in range(1, 5)]
+    with again.open(_seg_key(3)) as f:
+        assert f.read() == written[3]
+    _append(again, 5)  # into a new log file; the sequence goes on
+    assert again.load_state() == _state(5)
+    again.release()
+    assert read_state(root) == _state(5) and len(_log_paths(root)) == 2
+
+
+def test_a_record_torn_by_a_crash_is_ignored_and_the_state_before_it_stands(tmp_path):
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    log.save_state(_state(0))
+    for t in range(1, 4):
+        _append(log, t, payload=3)
+    log.release()
+    path = _log_paths(root)[0]
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # the last record loses its tail: written, not synced
+        f.truncate(size - 100)
+    assert read_state(root) == _state(2)
+    again = ShadowLog(root)
+    assert again.load_state() == _state(2)
+    assert [a.key for a in again.list()] == [_seg_key(1), _seg_key(2)]
+    _append(again, 3)  # captured again from the WAL
+    again.release()
+    third = ShadowLog(root)
+    assert third.load_state() == _state(3)
+    assert [a.key for a in third.list()] == [_seg_key(1), _seg_key(2), _seg_key(3)]
+    # a flipped byte in a record's segment fails its checksum the same way
+    third.release()
+    newest = _log_paths(root)[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    newest.write_bytes(bytes(data))
+    assert read_state(root) == _state(2)
+
+
+def test_a_newer_state_slot_supersedes_the_records(tmp_path):
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    _append(log, 1)
+    _append(log, 2)
+    restarted = replace(_state(2), wal=None)  # e.g. the WAL restarted: a state-only change
+    log.save_state(restarted)
+    assert log.load_state() == restarted
+    log.release()
+    assert ShadowLog(root).load_state() == restarted and read_state(root) == restarted
+
+
+def test_a_log_file_goes_once_its_segments_shipped_and_a_newer_record_holds_the_state(tmp_path, monkeypatch):
+    import replicator.shadow as shadow_mod
+
+    monkeypatch.setattr(shadow_mod, "LOG_ROLL_BYTES", 1)  # a log file per record
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    for t in range(1, 4):
+        _append(log, t)
+    assert len(_log_paths(root)) == 3
+    log.remove(_seg_key(1))
+    assert len(_log_paths(root)) == 2  # shipped everywhere, and state 3 is newer
+    log.remove(_seg_key(3))
+    assert len(_log_paths(root)) == 2  # shipped, but it holds the newest state
+    log.remove(_seg_key(2))
+    assert len(_log_paths(root)) == 1
+    log.release()
+    again = ShadowLog(root)
+    # the log kept for the state lists its shipped segment again (the shippers find it on
+    # their replicas, or below what they hold, and do not upload it twice)
+    assert again.load_state() == _state(3) and [a.key for a in again.list()] == [_seg_key(3)]
+    again.remove(_seg_key(3))
+    _append(again, 4)
+    assert len(_log_paths(root)) == 1  # the old one held nothing needed any more
+    assert again.load_state() == _state(4)
+    again.drop_generation(GEN)
+    assert again.list() == [] and _log_paths(root) == []
+    again.release()
+
+
+def test_a_failed_append_leaves_nothing_and_the_next_one_goes_in_its_place(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    _append(log, 1)
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 2:  # mid-record: the disk is full
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(OSError, match=r"shadow directory .*: cannot write .*No space left on device"):
+        _append(log, 2, payload=2)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert log.load_state() == _state(1) and [a.key for a in log.list()] == [_seg_key(1)]
+    _append(log, 2)
+    log.release()
+    again = ShadowLog(root)
+    assert again.load_state() == _state(2)
+    assert [a.key for a in again.list()] == [_seg_key(1), _seg_key(2)]
+    again.release()
+
+
+def test_segment_files_of_earlier_versions_are_still_read_and_removed(tmp_path):
+    root = tmp_path / "s"
+    log = ShadowLog(root)
+    artefact = _segment(1)
+    try:
+        log.write(_seg_key(1), artefact)  # as versions before the log wrote every segment
+        data = artefact.to_bytes()
+    finally:
+        artefact.close()
+    _append(log, 2)
+    assert [a.key for a in log.list()] == [_seg_key(1), _seg_key(2)]
+    with log.open(_seg_key(1)) as f:
+        assert f.read() == data
+    assert log.size_of(_seg_key(1)) == len(data)
+    log.remove(_seg_key(1))
+    assert not log.path_of(_seg_key(1)).exists()
+    assert [a.key for a in log.list()] == [_seg_key(2)]
+    log.release()
+
+
+def test_a_state_of_the_version_before_the_log_is_resumed_from(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "state.json").write_text(json.dumps({**_state(7).to_json(), "version": 1}))
+    assert read_state(root) == _state(7)
+    (root / "state.json").write_text(json.dumps({**_state(7).to_json(), "version": 99}))
+    assert read_state(root) is None  # not understood: the agent starts a new generation

@@ -44,3 +44,27 @@ def test_held_bytes_are_uploaded_and_bounded_by_one_budget(tmp_path, monkeypatch
     b.stop(timeout=0)  # never started: what it holds is given back
     assert ReplicaShipper._held_total == 0
     assert all(p.data is None for p in b.pending)
+
+
+def test_at_start_segments_below_what_the_replica_holds_are_not_uploaded_again(tmp_path):
+    """The shadow log's newest log file is kept for the capture state it holds, so after a
+    restart it lists segments already shipped; one the replica pruned since (retention) must
+    not come back. Uploads go in order: what lies below the replica's newest artefact of the
+    generation was uploaded before."""
+    from replicator.artefact import SegmentWriter
+    from replicator.shadow import CaptureState
+
+    a, shadow = _shipper(tmp_path, "a")
+    gen = keys.new_generation_id(time.time())
+    segs = [keys.ArtefactKey(gen, keys.SEGMENT, i, i, 1000 + i) for i in range(1, 5)]
+    for k in segs:
+        w = SegmentWriter(gen, 4096, codec="zstd", level=1)
+        w.add_txn(k.first_txid, [(1, bytes(4096))], db_pages=1, commit_time=1.0, db_checksum=1)
+        art = w.finish(created=1.0)
+        shadow.append_segment(k.key, art, art.in_memory(), CaptureState(gen, k.last_txid, 4096, 1, 1, 1.0, None))
+        art.close()
+    a.driver.put(segs[2].key, b"x")  # the replica holds 3 (1 and 2 were pruned); 4 never arrived
+    a.load(shadow.list(), gen)
+    assert [p.key for p in a.pending] == [segs[3]]
+    assert all(a.has(k) for k in segs[:3])
+    shadow.release()
