@@ -272,7 +272,7 @@ DEFAULTS: Mapping[str, Any] = _KeyedAsWritten(
         "checkpoint-interval": 60.0,
         "truncate-page-count": 121359,
         "monitor-interval": 1.0,
-        "sync-interval": 0.01,
+        "sync-interval": 0.02,
         "shadow-max-bytes": 1024**3,
         "shutdown-timeout": 10.0,
         "data-loss-window-threshold": 10.0,

@@ -377,7 +377,7 @@ def test_defaults_fill_everything():
     assert db.checkpoint_interval == 60.0
     assert db.truncate_page_count == 121359
     assert db.monitor_interval == 1.0
-    assert db.sync_interval == 0.01
+    assert db.sync_interval == 0.02
     assert db.shadow_max_bytes == 1024**3
     assert db.shutdown_timeout == 10.0
     replica = db.replicas[0]
