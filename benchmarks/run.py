@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         t.prepare(log=log)
         versions[t.label] = t.version
     log("tools: " + json.dumps(versions))
-    ctx = S.Ctx(work=work, tools=tools, intervals=a.interval_list, quick=a.quick, runs=a.runs, reps=a.reps, log=log, seed=a.seed)
+    ctx = S.Ctx(work=work, tools=tools, intervals=a.interval_list, quick=a.quick, runs=a.runs, reps=a.reps, log=log, seed=a.seed, keep=a.keep)
     want = set(a.scenario_list)
     sections = []
     errors = []

@@ -43,6 +43,7 @@ class Ctx:
     configs: dict[str, str] = field(default_factory=dict)
     seed: int = 5
     s5_agent_rss: dict[str, float] = field(default_factory=dict)  # filled by scenario 5, used by 4
+    keep: bool = False  # --keep: the trash stays too (work/trash/N-name)
     _discarded: int = 0
 
     def note_cmd(self, kind: str, cmd: str | list[str], config: Path | None = None) -> None:
@@ -73,7 +74,7 @@ class Ctx:
     def empty_trash(self) -> None:
         """Delete what discard() put aside, then let ext4 forget the deletions (SETTLE_S)."""
         trash = self.work / "trash"
-        if not trash.exists():
+        if not trash.exists() or self.keep:
             return
         shutil.rmtree(trash, ignore_errors=True)
         if not self.quick:
