@@ -176,6 +176,13 @@ def section_from_dict(d: dict):
     )
 
 
+def replicator_defaults() -> dict:
+    """The replicator defaults the report names, as the code under test has them."""
+    from replicator.config import DEFAULTS
+
+    return {k: DEFAULTS[k] for k in ("sync-interval", "compression-level", "segment-compression-level")}
+
+
 def render(meta: dict, sections) -> str:
     """The Markdown report from the run's metadata (see main) and its sections."""
     info, versions, errors = meta["machine"], meta["versions"], meta["errors"]
@@ -201,7 +208,9 @@ def render(meta: dict, sections) -> str:
     L.append(f"- **Load average** (1, 5, 15 min): {info.get('loadavg_start')} at the start, {info.get('loadavg_end')} at the end. "
              "The machine is shared; figures are medians of interleaved runs to limit the effect of noise.")
     L.append("")
-    L.append("Settings: replicator runs at its defaults (`sync-interval` 10ms, zstd level 3 for snapshots and 1 for segments, ...). Litestream runs at its "
+    d = meta.get("replicator_defaults") or {"sync-interval": 0.01, "compression-level": 3, "segment-compression-level": 1}
+    L.append(f"Settings: replicator runs at its defaults (`sync-interval` {d['sync-interval'] * 1000:g}ms, zstd level "
+             f"{d['compression-level']} for snapshots and {d['segment-compression-level']} for segments, ...). Litestream runs at its "
              "defaults (`monitor-interval` and `sync-interval` 1s); in scenarios 1 and 2 it also runs with both intervals set "
              "to " + ", ".join(f"{x * 1000:g} ms" for x in meta["intervals"] if x is not None) + ". Ratios are "
              "replicator / the better Litestream on that figure. PASS/MISS is written by the script against the "
@@ -394,6 +403,7 @@ def main(argv=None) -> int:
     meta = {
         "command": cmdline, "quick": a.quick, "started": started.isoformat(), "finished": finished.isoformat(), "machine": info,
         "versions": versions, "errors": errors, "intervals": ctx.intervals, "commands": ctx.commands, "configs": ctx.configs,
+        "replicator_defaults": replicator_defaults(),
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
