@@ -10,8 +10,8 @@ on every replica.
     <shadow>/generations/<g>/log/<seq>.log
                                         segment records: each holds one segment and the capture
                                         state that covers it (append-only, see below)
-    <shadow>/generations/...            snapshots (and segments of versions before 0.3), same
-                                        keys as on a replica (replicator.keys)
+    <shadow>/generations/...            snapshots (and segment files written before the segment
+                                        log), same keys as on a replica (replicator.keys)
     <shadow>/tmp/                       spool files of artefacts being built
 
 A segment is appended to its generation's current log file as one record: a header, the
