@@ -229,7 +229,9 @@ def _is_uint(v: Any, hi: int = MAX_UINT64) -> bool:
 
 
 def _is_time(v: Any) -> bool:
-    return type(v) in (float, int) and math.isfinite(v)
+    if type(v) is int:  # (math.isfinite raises OverflowError past a float's range)
+        return -(1 << 63) <= v < (1 << 63)
+    return type(v) is float and math.isfinite(v)
 
 
 def _header_from_map(m: Any) -> ArtefactHeader:

@@ -50,7 +50,11 @@ def start_writer(db: Path, steps: list, *, lib: str = "sqlite3", page_size: int 
         cmd += ["--page-size", str(page_size)]
     e = env()
     e["WRITER_SEED"] = str(seed)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    # a writer prints a line per commit: one that runs until killed would fill the pipe
+    # nobody reads (64 KiB, about 2,000 commits) and then block, writing nothing more
+    forever = any(step[0] == "forever" for step in steps)
+    out = subprocess.DEVNULL if forever else subprocess.PIPE
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=e)
 
 
 def parse_commits(out: str) -> list[tuple[int, float]]:

@@ -519,6 +519,7 @@ WRONG_TYPES = [
     ("level", "3"),
     ("created", "now"),
     ("created", float("inf")),
+    ("created", 10**309),  # past a float's range (found by test_fuzz_rechecksummed_headers)
     ("plen", -1),
     ("plen", 1.5),
     ("psum", 2**64),

@@ -361,7 +361,9 @@ def _near(value):
     """Values close to a valid one: off by one, or the same number as another type."""
     out = [value]
     if type(value) is int:
-        out += [value + 1, value - 1, float(value), str(value), -value, value * 2**32]
+        out += [value + 1, value - 1, str(value), -value, value * 2**32]
+        if abs(value) < 2**1023:  # (past that, no float has the same value)
+            out.append(float(value))
     elif type(value) is float:
         out += [int(value) if math.isfinite(value) else 0, value + 1, -value, float("nan")]
     elif type(value) is list:
