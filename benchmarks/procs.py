@@ -209,6 +209,28 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def cpu_ns(pid: int) -> tuple[int, frozenset]:
+    """On-CPU nanoseconds of every live thread of pid and its live descendants (the first
+    field of /proc/PID/task/TID/schedstat), and the set of those threads. utime and stime
+    count in clock ticks (10 ms); an idle agent may use one or two over 30 s, so two idle
+    agents tie at that resolution. A thread that exits between two readings takes its
+    time with it: compare only readings over the same set of threads."""
+    total, seen = 0, set()
+    for p in tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                seen.add((p, int(t)))
+            except (OSError, ValueError, IndexError):
+                continue
+    return total, frozenset(seen)
+
+
 def _status(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
