@@ -209,13 +209,10 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-def cpu_ns(pid: int) -> tuple[int, frozenset]:
-    """On-CPU nanoseconds of every live thread of pid and its live descendants (the first
-    field of /proc/PID/task/TID/schedstat), and the set of those threads. utime and stime
-    count in clock ticks (10 ms); an idle agent may use one or two over 30 s, so two idle
-    agents tie at that resolution. A thread that exits between two readings takes its
-    time with it: compare only readings over the same set of threads."""
-    total, seen = 0, set()
+def cpu_ns_threads(pid: int) -> dict[tuple[int, int], int]:
+    """On-CPU nanoseconds of every live thread of pid and its live descendants: the first
+    field of /proc/PID/task/TID/schedstat, by (pid, tid)."""
+    out = {}
     for p in tree(pid):
         try:
             tasks = os.listdir(f"/proc/{p}/task")
@@ -224,11 +221,27 @@ def cpu_ns(pid: int) -> tuple[int, frozenset]:
         for t in tasks:
             try:
                 with open(f"/proc/{p}/task/{t}/schedstat") as f:
-                    total += int(f.read().split()[0])
-                seen.add((p, int(t)))
+                    out[(p, int(t))] = int(f.read().split()[0])
             except (OSError, ValueError, IndexError):
                 continue
-    return total, frozenset(seen)
+    return out
+
+
+def idle_cpu_seconds(pid: int, seconds: float, every: float = 0.1) -> tuple[float, int]:
+    """CPU seconds the process tree of pid spends over the next `seconds`, in nanoseconds
+    rather than utime/stime's 10 ms clock ticks (an idle agent may use one or two ticks in
+    30 s, so two idle agents tie at that resolution). Threads are read every `every`
+    seconds: one born in the window counts from zero, one that exits counts up to its
+    last reading (it loses at most `every` of its time). Also returns how many threads
+    came or went."""
+    first = cpu_ns_threads(pid)
+    last = dict(first)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(every, left))
+        last.update(cpu_ns_threads(pid))
+    churn = len(set(last) - set(first)) + len(set(first) - set(cpu_ns_threads(pid)))
+    return sum(v - first.get(k, 0) for k, v in last.items()) / 1e9, churn
 
 
 def _status(pid: int, key: str) -> int:
