@@ -369,14 +369,10 @@ class ShadowLog:
     # -- state --------------------------------------------------------------------------
     def load_state(self) -> CaptureState | None:
         """The newest durable state: of the state slots and the segment records."""
-        if self._log_newest is not None:
-            seq, d = self._log_newest
-            if all(seq > s for s, _ in _read_slots(self.root / "state")):
-                try:
-                    return CaptureState.from_json(d)
-                except (ValueError, KeyError, TypeError):
-                    pass
-        return read_state(self.root, logs=False)
+        slots = _read_slots(self.root / "state")
+        if self._log_newest is not None:  # (a slot wins a tie: it sorts first)
+            slots.append(self._log_newest)
+        return _newest_state(self.root, slots)
 
     def save_state(self, state: CaptureState) -> None:
         """Make state durable: written into the older of two checksummed slots, so a torn
@@ -759,16 +755,20 @@ def _read_slots(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def read_state(root: str | os.PathLike, logs: bool = True) -> CaptureState | None:
+def read_state(root: str | os.PathLike) -> CaptureState | None:
     """The durable capture state of a shadow directory (no side effects), or None: the
-    newest of the state slots and (logs) the segment records."""
+    newest of the state slots and the segment records."""
     root = Path(root)
     slots = _read_slots(root / "state")
-    if logs:
-        for path in _log_files(root):
-            records = _read_records(path)
-            if records:
-                slots.append((records[-1].seq, records[-1].state))
+    for path in _log_files(root):
+        records = _read_records(path)
+        if records:
+            slots.append((records[-1].seq, records[-1].state))
+    return _newest_state(root, slots)
+
+
+def _newest_state(root: Path, slots: list[tuple[int, dict]]) -> CaptureState | None:
+    """The newest of (sequence, state JSON) records that parses, or the pre-0.2 state.json."""
     candidates = [d for _, d in sorted(slots, key=lambda r: r[0], reverse=True)]
     legacy = root / "state.json"
     if not slots and legacy.exists():

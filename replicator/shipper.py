@@ -158,13 +158,18 @@ class ReplicaShipper:
                 for info in self.driver.list(keys.generation_prefix(gen)):
                     # what the shadow log holds, and snapshots: a replica's segments are
                     # not kept here (there may be millions; see forget)
-                    if info.key in local or info.key.endswith(".snapshot"):
+                    snapshot = info.key.endswith(".snapshot")
+                    if info.key in local or snapshot:
                         self.uploaded.add(info.key)
-                    if info.key.endswith(".segment") and info.key > newest_segment:
+                    if snapshot:
+                        k = keys.parse_key(info.key)
+                        if k is not None:
+                            reached[gen] = max(reached.get(gen, -1), k.last_txid)
+                    elif info.key.endswith(".segment") and info.key > newest_segment:
                         newest_segment = info.key  # (segment keys sort by first txid)
-                held = [k for k in map(keys.parse_key, [newest_segment, *(u for u in self.uploaded if u.endswith(".snapshot"))]) if k is not None and k.generation == gen]
-                if held:
-                    reached[gen] = max(k.last_txid for k in held)
+                k = keys.parse_key(newest_segment)
+                if k is not None:
+                    reached[gen] = max(reached.get(gen, -1), k.last_txid)
             self._known_listing = True
         except StorageError as e:
             self.last_error = str(e)
