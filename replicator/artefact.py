@@ -8,6 +8,8 @@ docs/format.md; in short::
 A SNAPSHOT's body is the raw database image; a SEGMENT's body is, per transaction and
 page, a 4-byte big-endian page number followed by the page image. Writers and readers
 stream in large chunks, so memory stays bounded whatever the artefact size (invariant 7).
+Snapshots are compressed as a sequence of independent zstd frames (codec `zstd-frames`)
+so that a restore decodes them on every core (decode_body_into).
 With an encryption key, the compressed payload is then encrypted in AES-256-GCM chunks
 (replicator.encryption; format version 2, `enc` header key); without one, nothing changes.
 """
@@ -21,7 +23,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
@@ -45,7 +47,10 @@ MAX_UINT64 = 2**64 - 1
 PAGE_NUMBER_SIZE = 4
 SNAPSHOT, SEGMENT = keys.SNAPSHOT, keys.SEGMENT
 KINDS = (SNAPSHOT, SEGMENT)
-CODECS = ("zstd", "none")
+ZSTD, FRAMED, NONE = "zstd", "zstd-frames", "none"
+CODECS = (ZSTD, FRAMED, NONE)
+FRAME_SIZE = 4 << 20  # raw bytes per frame that writers of zstd-frames use
+MAX_FRAME_SIZE = 64 << 20  # the largest a reader accepts (it holds one frame's output per worker)
 
 _BATCH = 1 << 20  # bytes handed to the compressor / spool per call
 _COPY_CHUNK = 1 << 20
@@ -150,6 +155,8 @@ class ArtefactHeader:
     txns: tuple[TxnInfo, ...]
     format_version: int = PLAIN_VERSION
     encryption: Encryption | None = None  # set for an encrypted artefact (format version 2)
+    frame_size: int = 0  # codec zstd-frames: raw bytes per frame (the last may be shorter)
+    frames: tuple[int, ...] = ()  # codec zstd-frames: stored (compressed) bytes of each frame
 
     @property
     def db_checksum(self) -> int:
@@ -194,6 +201,7 @@ class ArtefactHeader:
             "rlen": self.raw_length,
             "txns": [[t.txid, t.page_count, t.db_pages, float(t.commit_time), t.db_checksum] for t in self.txns],
             **({"enc": self.encryption.to_map()} if self.encryption is not None else {}),
+            **({"fsize": self.frame_size, "frames": list(self.frames)} if self.codec == FRAMED else {}),
         }
 
     def encode(self, *, validate: bool = True) -> bytes:
@@ -302,12 +310,15 @@ def _header_from_map(m: Any) -> ArtefactHeader:
         raise ArtefactError(f"header field 'rlen' inconsistent: {rlen}, the txns need {expected_raw}")
     enc = _encryption_from_map(m, version)
     if enc is None:
-        if codec == "none" and plen != rlen:
+        if codec == NONE and plen != rlen:
             raise ArtefactError("header field 'plen' inconsistent: codec 'none' stores the body as is")
     elif not encryption.valid_stored_length(plen, enc.chunk) or (
-        codec == "none" and plen != encryption.stored_length(rlen, enc.chunk)
+        codec == NONE and plen != encryption.stored_length(rlen, enc.chunk)
     ):
         raise ArtefactError("header field 'plen' inconsistent: not a whole sequence of encrypted chunks")
+    fsize, frames = 0, ()
+    if codec == FRAMED:
+        fsize, frames = _frames_from_map(m, rlen, plen, enc)
     return ArtefactHeader(
         kind=kind,
         generation=gen,
@@ -323,7 +334,24 @@ def _header_from_map(m: Any) -> ArtefactHeader:
         txns=tuple(txns),
         format_version=version,
         encryption=enc,
+        frame_size=fsize,
+        frames=frames,
     )
+
+
+def _frames_from_map(m: dict, rlen: int, plen: int, enc: Encryption | None) -> tuple[int, tuple[int, ...]]:
+    """`fsize` and `frames` of a zstd-frames header: one frame per fsize raw bytes, and the
+    frames' stored lengths add up to the payload (to its plaintext, when encrypted)."""
+    fsize = _int(m, "fsize", 1, MAX_FRAME_SIZE)
+    frames = m.get("frames")
+    if not isinstance(frames, (list, tuple)) or not all(_is_uint(n) and n > 0 for n in frames):
+        raise _malformed("frames")
+    if len(frames) != -(-rlen // fsize):
+        raise ArtefactError(f"header field 'frames' inconsistent: {len(frames)} frames of {fsize} bytes for rlen {rlen}")
+    total = sum(frames)
+    if (total if enc is None else encryption.stored_length(total, enc.chunk)) != plen:
+        raise ArtefactError("header field 'frames' inconsistent: the frames do not add up to the payload")
+    return fsize, tuple(frames)
 
 
 def _encryption_from_map(m: dict, version: int) -> Encryption | None:
@@ -503,10 +531,22 @@ def iter_body(
         stored = opener = _opener(header, encryption_key, source)
     produced = 0
     problem = None
-    if header.codec == "none":
+    if header.codec == NONE:
         while b := stored.read(chunk_size):
             produced += len(b)
             yield b
+    elif header.codec == FRAMED:
+        for i, n in enumerate(header.frames):
+            want = _frame_raw_size(header, i)
+            try:
+                piece = _inflate_frame(_read_exact(stored, n), n, want)
+            except _FrameError as e:
+                problem = str(e)
+                break
+            produced += want
+            mv = memoryview(piece)
+            for off in range(0, want, chunk_size):
+                yield mv[off : off + chunk_size]
     else:
         reader = zstandard.ZstdDecompressor().stream_reader(
             stored, read_size=min(chunk_size, 1 << 20), read_across_frames=False, closefd=False
@@ -523,6 +563,110 @@ def iter_body(
             if produced > header.raw_length:
                 break  # never inflate a damaged payload past what the header allows
             yield b
+    _end_of_payload(f, header, source, opener, produced, problem)
+
+
+def decode_body_into(
+    f: BinaryIO,
+    header: ArtefactHeader,
+    write_at: Callable[[int, bytes | memoryview], None],
+    *,
+    workers: int = 2,
+    encryption_key: EncryptionKey | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Decode the payload that follows the header in f, handing each piece of the raw body to
+    write_at(offset, data). A zstd-frames payload is decoded by `workers` threads (zstd and
+    write_at, typically os.pwrite, run without the GIL), at most workers + 1 frames in
+    memory; any other codec is decoded in order on this thread. progress, if given, gets the
+    size of each piece written (on this thread).
+
+    As with iter_body, the body is proven only when this returns: every check of the
+    payload is made, in the same order, and an error of write_at (OSError) is raised as is.
+    """
+    if header.codec != FRAMED or len(header.frames) < 2 or workers < 2:
+        off = 0
+        for chunk in iter_body(f, header, encryption_key=encryption_key):
+            write_at(off, chunk)
+            off += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = _PayloadSource(f, header.payload_length)
+    stored: Any = source
+    opener = None
+    if header.encryption is not None:
+        stored = opener = _opener(header, encryption_key, source)
+    produced = 0
+    problem = None
+
+    def job(frame: bytes, n: int, want: int, off: int) -> int:
+        write_at(off, _inflate_frame(frame, n, want))
+        return want
+
+    pending: deque = deque()
+
+    def collect() -> None:
+        nonlocal produced, problem
+        try:
+            got = pending.popleft().result()
+        except _FrameError as e:
+            problem = problem or str(e)
+            return
+        produced += got
+        if progress is not None:
+            progress(got)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        try:
+            off = 0
+            for i, n in enumerate(header.frames):
+                want = _frame_raw_size(header, i)
+                frame = _read_exact(stored, n)
+                pending.append(pool.submit(job, frame, n, want, off))
+                off += want
+                while len(pending) > workers or (pending and pending[0].done()):
+                    collect()
+                if problem is not None:
+                    break
+                if len(frame) < n:
+                    break  # the payload ended early: reported below
+            while pending:
+                collect()
+        finally:
+            for fut in pending:
+                fut.cancel()
+    _end_of_payload(f, header, source, opener, produced, problem)
+
+
+class _FrameError(Exception):
+    """A frame of a zstd-frames payload that does not decode to its size; one line."""
+
+
+def _frame_raw_size(header: ArtefactHeader, i: int) -> int:
+    return min(header.frame_size, header.raw_length - i * header.frame_size)
+
+
+def _inflate_frame(frame: bytes, n: int, want: int) -> bytes:
+    """One frame of a zstd-frames payload, decoded: exactly `want` bytes from exactly `n`.
+    The size the frame declares is checked before anything is allocated."""
+    if len(frame) < n:
+        raise _FrameError("corrupt zstd payload (truncated frame)")
+    try:
+        size = zstandard.frame_content_size(frame)
+        data = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False) if size == want else None
+    except zstandard.ZstdError:
+        raise _FrameError("corrupt zstd payload") from None
+    if data is None or len(data) != want:
+        raise _FrameError("corrupt zstd payload (a frame does not decode to its size)")
+    return data
+
+
+def _end_of_payload(f: BinaryIO, header: ArtefactHeader, source: _PayloadSource, opener, produced: int, problem: str | None) -> None:
+    """The checks once the codec has stopped, in the order docs/format.md gives."""
     if opener is not None and not opener.problem:
         # authenticate every chunk, the last (which binds the header) included, even when
         # the zstd frame ended early
@@ -774,6 +918,12 @@ class EncodedArtefact:
         self.close()
 
 
+def snapshot_codec(compression: str) -> str:
+    """The codec snapshots are written with under the `compression` setting: zstd means
+    independent frames (decoded in parallel by a restore), none means none."""
+    return FRAMED if compression == ZSTD else compression
+
+
 def _check_common(generation: str, page_size: int, codec: str, level: int) -> None:
     if type(generation) is not str or not 0 < len(generation) <= 256 or "/" in generation:
         raise ValueError(f"bad generation id {generation!r}")
@@ -809,10 +959,14 @@ class _Writer:
         encryption_key: EncryptionKey | None = None,
         encryption_chunk: int = encryption.DEFAULT_CHUNK,
         compressor: zstandard.ZstdCompressor | None = None,
+        frame_size: int = FRAME_SIZE,
     ):
         _check_common(generation, page_size, codec, level)
+        if type(frame_size) is not int or not 0 < frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"bad frame size {frame_size!r} (1..{MAX_FRAME_SIZE})")
+        self._fsize = frame_size
         self.generation, self.page_size, self.codec = generation, page_size, codec
-        self.level = level if codec == "zstd" else 0
+        self.level = level if codec != NONE else 0
         self._spool = _Spool(spool_dir, spool_memory)
         # compress, then encrypt (ciphertext does not compress): the sealer sits between the
         # compressor and the spool; without a key, the spool takes the compressor's output
@@ -820,8 +974,15 @@ class _Writer:
         self._out = self._spool.write if self._sealer is None else self._sealer.write
         # a caller writing many artefacts may lend its own compressor (made with the same
         # level): a new compression context per segment costs more than compressing it
-        if codec != "zstd":
-            self._cobj = None
+        self._cobj = self._cctx = None
+        self._frames: list[int] = []
+        self._pending = bytearray()  # zstd-frames: raw bytes of the frame being filled
+        if codec == FRAMED:
+            # each frame a one-shot compression: its header records its size, so a reader
+            # knows what it decodes to before it allocates
+            self._cctx = zstandard.ZstdCompressor(level=level, threads=threads)
+        elif codec != ZSTD:
+            pass
         elif compressor is not None:
             self._cobj = compressor.compressobj()
         else:
@@ -834,11 +995,39 @@ class _Writer:
             raise ValueError(f"writer is {self._state}")
 
     def _put(self, data: bytes | bytearray | memoryview) -> None:
-        self._out(self._cobj.compress(data) if self._cobj is not None else data)
+        if self._cctx is not None:
+            self._put_framed(data)
+        else:
+            self._out(self._cobj.compress(data) if self._cobj is not None else data)
+
+    def _put_framed(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        pos, fsize, pending = 0, self._fsize, self._pending
+        if pending:
+            pos = min(fsize - len(pending), mv.nbytes)
+            pending += mv[:pos]
+            if len(pending) == fsize:
+                self._emit_frame(pending)
+                pending.clear()
+        while mv.nbytes - pos >= fsize:
+            self._emit_frame(mv[pos : pos + fsize])
+            pos += fsize
+        if pos < mv.nbytes:
+            pending += mv[pos:]
+
+    def _emit_frame(self, piece: bytes | bytearray | memoryview) -> None:
+        assert self._cctx is not None
+        frame = self._cctx.compress(piece)
+        self._frames.append(len(frame))
+        self._out(frame)
 
     def _finish(self, kind: str, first: int, last: int, txns: list[TxnInfo], created: float | None) -> EncodedArtefact:
         if self._cobj is not None:
             self._out(self._cobj.flush())
+        if self._pending:
+            self._emit_frame(self._pending)
+            self._pending = bytearray()
+        framing = {"frame_size": self._fsize, "frames": tuple(self._frames)} if self.codec == FRAMED else {}
         created = float(time.time() if created is None else created)
         enc = None
         if self._sealer is not None:
@@ -861,6 +1050,7 @@ class _Writer:
                 txns=tuple(txns),
                 format_version=ENCRYPTED_VERSION,
                 encryption=enc,
+                **framing,
             )
             digest = header_digest(provisional.to_map())
             sealer.finish(digest)
@@ -881,6 +1071,7 @@ class _Writer:
             txns=tuple(txns),
             format_version=PLAIN_VERSION if enc is None else ENCRYPTED_VERSION,
             encryption=enc,
+            **framing,
         )
         try:
             art = EncodedArtefact(header, self._spool)
@@ -1006,19 +1197,20 @@ class SnapshotWriter(_Writer):
         txid: int,
         page_size: int,
         *,
-        codec: str = "zstd",
+        codec: str = FRAMED,
         level: int = 3,
         spool_dir: str | os.PathLike | None = None,
         spool_memory: int = 8 << 20,
         threads: int = 0,
         encryption_key: EncryptionKey | None = None,
         encryption_chunk: int = encryption.DEFAULT_CHUNK,
+        frame_size: int = FRAME_SIZE,
     ):
         if not _is_uint(txid):
             raise ValueError(f"bad txid {txid!r}")
         super().__init__(
             generation, page_size, codec, level, spool_dir, spool_memory, threads,
-            encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+            encryption_key=encryption_key, encryption_chunk=encryption_chunk, frame_size=frame_size,
         )
         self.txid = txid
         self._checksum = 0
@@ -1111,17 +1303,18 @@ def encode_snapshot(
     *,
     commit_time: float,
     db_checksum: int | None = None,
-    codec: str = "zstd",
+    codec: str = FRAMED,
     level: int = 3,
     created: float | None = None,
     encryption_key: EncryptionKey | None = None,
     encryption_chunk: int = encryption.DEFAULT_CHUNK,
+    frame_size: int = FRAME_SIZE,
 ) -> bytes:
     """A whole snapshot of image as bytes (db_checksum defaults to the image's own)."""
     mv = memoryview(image).cast("B")
     with SnapshotWriter(
         generation, txid, page_size, codec=codec, level=level, spool_memory=1 << 62,
-        encryption_key=encryption_key, encryption_chunk=encryption_chunk,
+        encryption_key=encryption_key, encryption_chunk=encryption_chunk, frame_size=frame_size,
     ) as w:
         w.write(mv)
         with w.finish(

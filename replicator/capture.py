@@ -29,7 +29,7 @@ import xxhash
 import zstandard
 
 from replicator import db_image, failpoints, keys, metrics
-from replicator.artefact import ArtefactError, ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash
+from replicator.artefact import ArtefactError, ArtefactHeader, SegmentWriter, SnapshotWriter, page_hash, snapshot_codec
 from replicator.fsutil import fsync_dir
 from replicator.progress import console as console_progress
 from replicator.shadow import CaptureState, ShadowLog, WalPosition
@@ -841,7 +841,8 @@ class Capture:
                     stamp = max(stamp, keys.generation_time(newest) + 2e-6)
             generation = keys.new_generation_id(stamp)
             writer = SnapshotWriter(
-                generation, 0, page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+                generation, 0, page_size, codec=snapshot_codec(self.cfg.compression), level=self.cfg.compression_level,
+                spool_dir=self.shadow.tmp,
                 encryption_key=self.encryption_key,
             )
             try:
@@ -909,7 +910,8 @@ class Capture:
             now = self.clock()
             started = time.monotonic()
             writer = SnapshotWriter(
-                state.generation, state.txid, state.page_size, codec=self.cfg.compression, level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
+                state.generation, state.txid, state.page_size, codec=snapshot_codec(self.cfg.compression),
+                level=self.cfg.compression_level, spool_dir=self.shadow.tmp,
                 encryption_key=self.encryption_key,
             )
             with console_progress(f"snapshot of {self.cfg.path}", state.db_pages * state.page_size) as bar:

@@ -41,3 +41,28 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None] | b
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[..., int] | None | bool = False  # False: not looked up yet
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range of the file to disk, without waiting
+    (Linux sync_file_range with SYNC_FILE_RANGE_WRITE): a later fsync then has less left
+    to wait for. It promises nothing about durability; where the call does not exist (or
+    fails) this does nothing, and the fsync does all the work as before."""
+    global _sync_file_range
+    if _sync_file_range is False:
+        _sync_file_range = None
+        try:
+            import ctypes
+
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            f.restype = ctypes.c_int
+            _sync_file_range = f
+        except (OSError, AttributeError):
+            pass
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

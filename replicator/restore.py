@@ -16,9 +16,9 @@ import xxhash
 
 from replicas import Driver, NotFound, StorageError
 from replicator import keys
-from replicator.artefact import ArtefactError, iter_body, iter_segment_pages, read_header, verify_key
+from replicator.artefact import ArtefactError, decode_body_into, iter_segment_pages, read_header, verify_key
 from replicator.encryption import EncryptionKey
-from replicator.fsutil import fsync_dir, temp_path
+from replicator.fsutil import fsync_dir, start_writeback, temp_path
 from replicator.restore_plan import RestorePlan, RestoreTarget, plan_restore
 
 
@@ -183,27 +183,25 @@ def restore(
 def _build(
     driver: Driver, p: RestorePlan, tmp: Path, progress, on_read=None, encryption_key: EncryptionKey | None = None
 ) -> tuple[int, int, int, int, float, int]:
-    fetched = 0
-    with open(tmp, "wb") as out:
-        # snapshot: the raw database image
+    with open(tmp, "wb", buffering=0) as out:
+        fd = out.fileno()
+        # snapshot: the raw database image, its frames decoded and written by several threads
         with _open_artefact(driver, p.snapshot, on_read) as f:
             try:
                 header = read_header(f)
                 verify_key(header, p.snapshot.key)
-                for chunk in iter_body(f, header, encryption_key=encryption_key):
-                    out.write(chunk)
-                    fetched += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                decode_body_into(
+                    f, header, lambda off, data: _pwrite_all(fd, data, off),
+                    workers=DECODE_WORKERS, encryption_key=encryption_key, progress=progress,
+                )
             except ArtefactError as e:
                 raise RestoreError(f"{p.snapshot.key}: {e}") from None
+        fetched = header.raw_length
         page_size = header.page_size
         txid = header.last_txid
         db_pages = header.db_pages
         checksum = header.db_checksum
         commit_time = header.commit_time
-        out.flush()  # the segments below write with pwrite on the raw fd
-        fd = out.fileno()
         done = False
         highest = db_pages  # the highest page the image holds so far
         for seg, f in _prefetched(driver, p.segments, on_read):
@@ -238,11 +236,31 @@ def _build(
                     raise RestoreError(f"{seg.key}: {e}") from None
             if done:
                 break
-        out.truncate(db_pages * page_size)
-        out.flush()  # fsynced by _verify_file, while it checks
+        out.truncate(db_pages * page_size)  # fsynced by _verify_file, while it checks
     if p.target_txid is not None and txid != p.target_txid:
         raise RestoreError(f"replica ends at txid {txid} of generation {p.generation}, before the requested txid {p.target_txid}")
     return txid, db_pages, page_size, checksum, commit_time, fetched
+
+
+# threads that decode and write a snapshot's frames (zstd and pwrite run without the GIL)
+DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of data at offset, then start its writeback (the disk writes while the
+    rest is decoded, and the final fsync has little left to wait for)."""
+    view = memoryview(data).cast("B")
+    length = view.nbytes
+    _pwrite_loop(fd, view, offset)
+    start_writeback(fd, offset, length)
+
+
+def _pwrite_loop(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view, offset = view[n:], offset + n
 
 
 def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:

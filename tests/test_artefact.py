@@ -19,7 +19,7 @@ from replicator.artefact import ArtefactError
 
 GEN = "20261122T171656939519Z-ea5f"
 PAGE_SIZES = [512, 1024, 4096, 65536]
-CODECS = ["zstd", "none"]
+CODECS = ["zstd", "zstd-frames", "none"]
 
 
 def make_page(rng: random.Random, page_size: int) -> bytes:
@@ -75,6 +75,25 @@ def stream_decode(art: bytes) -> tuple[A.ArtefactHeader, bytes]:
     else:
         body = b"".join(A.iter_body(f, h, chunk_size=7777))
     return h, body
+
+
+def parallel_decode(art: bytes, workers: int = 3) -> tuple[A.ArtefactHeader, bytes]:
+    """Decode through decode_body_into (a restore's path for snapshots): pieces written at
+    their offsets, from several threads for zstd-frames."""
+    f = io.BytesIO(art)
+    h = A.read_header(f)
+    out = bytearray()
+
+    def write_at(off: int, data) -> None:
+        end = off + len(data)
+        if len(out) < end:
+            out.extend(bytes(end - len(out)))
+        out[off:end] = data
+
+    A.decode_body_into(f, h, write_at, workers=workers)
+    if h.kind == A.SEGMENT:  # the structure of a segment body is checked by the other paths
+        A.decode(art)
+    return h, bytes(out)
 
 
 # ---------------------------------------------------------------------------- layout and round trips
@@ -135,12 +154,13 @@ def test_snapshot_round_trip(codec, page_size):
     for h, body in (A.decode(data), stream_decode(data)):
         assert body == image
         assert (h.kind, h.generation, h.first_txid, h.last_txid, h.page_size) == ("snapshot", GEN, 5, 5, page_size)
-        assert h.codec == codec and h.level == (3 if codec == "zstd" else 0)
+        assert h.codec == codec and h.level == (0 if codec == "none" else 3)
         assert h.db_pages == pages and h.commit_time == 1234.5
         assert h.db_checksum == A.db_checksum_of_image(image, page_size)
         assert h.txns == (A.TxnInfo(5, pages, pages, 1234.5, h.db_checksum),)
         assert h.raw_length == len(image) and h.payload_length == len(data) - A.header_end(data)
-    if codec == "zstd":
+    assert parallel_decode(data)[1] == image
+    if codec != "none":
         assert len(data) < len(image)
 
 
@@ -366,6 +386,159 @@ def test_large_snapshot_streams_in_bounded_memory(tmp_path):
     assert peak < 24 << 20, f"peak {peak} bytes for a 64 MiB snapshot"
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_large_framed_snapshot_decodes_in_parallel_in_bounded_memory(tmp_path, workers):
+    page_size = 4096
+    image = make_image(8 << 20 >> 12, page_size, seed=11)  # 8 MiB
+    data = A.encode_snapshot(GEN, 1, page_size, image, commit_time=1.0, frame_size=256 << 10)
+    assert len(A.parse_header_bytes(data).frames) == 32
+    out = tmp_path / "out.db"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    tracemalloc.start()
+    try:
+        f = io.BytesIO(data)
+        h = A.read_header(f)
+        A.decode_body_into(f, h, lambda off, piece: os.pwrite(fd, piece, off), workers=workers)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        os.close(fd)
+    assert out.read_bytes() == image
+    # at most workers + 1 frames in flight (their stored bytes and their output)
+    assert peak < (workers + 2) * 2 * (256 << 10) + (1 << 20), f"peak {peak} bytes"
+
+
+# ---------------------------------------------------------------------------- zstd-frames
+
+
+@pytest.mark.parametrize("frame_size", [4096 * 3, 5000, 1 << 20])
+def test_framed_snapshot_layout(frame_size):
+    """Each frame is an ordinary zstd frame that records its size and decodes on its own to
+    its slice of the body; the header lists their stored lengths."""
+    image = make_image(20, 4096)
+    art = A.encode_snapshot(GEN, 3, 4096, image, commit_time=3.0, frame_size=frame_size)
+    m, payload = split(art)
+    assert m["codec"] == "zstd-frames" and m["fsize"] == frame_size
+    assert len(m["frames"]) == -(-len(image) // frame_size) and sum(m["frames"]) == len(payload) == m["plen"]
+    off = 0
+    for i, n in enumerate(m["frames"]):
+        piece = payload[off : off + n]
+        want = image[i * frame_size : (i + 1) * frame_size]
+        assert zstandard.frame_content_size(piece) == len(want)
+        assert zstandard.ZstdDecompressor().decompress(piece) == want
+        off += n
+    for decoded in (A.decode(art), stream_decode(art), parallel_decode(art, 2), parallel_decode(art, 1)):
+        assert decoded[1] == image
+        assert decoded[0].frames == tuple(m["frames"]) and decoded[0].frame_size == frame_size
+
+
+def test_framed_snapshot_writes_in_any_pieces():
+    """Writes that straddle frame boundaries give the same artefact as one write."""
+    image = make_image(30, 1024)
+    one = A.encode_snapshot(GEN, 3, 1024, image, commit_time=3.0, frame_size=7 * 1024, created=1.0)
+    w = A.SnapshotWriter(GEN, 3, 1024, frame_size=7 * 1024)
+    off = 0
+    for n in (1, 9, 2, 7, 3, 8):
+        w.write(image[off : off + n * 1024])
+        off += n * 1024
+    with w.finish(db_pages=30, commit_time=3.0, created=1.0) as art:
+        assert art.to_bytes() == one
+
+
+def test_framed_snapshot_encrypted_round_trip():
+    from replicator.encryption import EncryptionKey
+
+    key = EncryptionKey(bytes(range(32)))
+    image = make_image(40, 4096)
+    art = A.encode_snapshot(GEN, 3, 4096, image, commit_time=3.0, frame_size=4096 * 6, encryption_key=key, encryption_chunk=10_000)
+    h = A.parse_header_bytes(art)
+    assert h.format_version == 2 and h.codec == "zstd-frames" and len(h.frames) == 7
+    assert A.decode(art, encryption_key=key)[1] == image
+    f = io.BytesIO(art)
+    h = A.read_header(f)
+    out = bytearray(len(image))
+
+    def write_at(off, data):
+        out[off : off + len(data)] = data
+
+    A.decode_body_into(f, h, write_at, workers=3, encryption_key=key)
+    assert out == image
+    # the frame list is bound into the last chunk: a header that moves it is tampering
+    forged = _with_payload(art, split(art)[1], frames=[h.frames[1], h.frames[0], *h.frames[2:]])
+    for fn in (lambda a: A.decode(a, encryption_key=key),):
+        with pytest.raises(ArtefactError, match="authentication failed"):
+            fn(forged)
+    with pytest.raises(ArtefactError, match="authentication failed"):
+        f = io.BytesIO(forged)
+        A.decode_body_into(f, A.read_header(f), write_at, workers=3, encryption_key=key)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda m: m.update(frames=m["frames"][:-1]), "header field 'frames' inconsistent: 3 frames"),
+        (lambda m: m.update(frames=[*m["frames"], 5]), "header field 'frames' inconsistent: 5 frames"),
+        (lambda m: m["frames"].__setitem__(0, m["frames"][0] + 1), "header field 'frames' inconsistent: the frames do not add up"),
+        (lambda m: m["frames"].__setitem__(0, 0), "header field 'frames' missing or malformed"),
+        (lambda m: m.update(frames="x"), "header field 'frames' missing or malformed"),
+        (lambda m: m.pop("frames"), "header field 'frames' missing or malformed"),
+        (lambda m: m.pop("fsize"), "header field 'fsize' missing or malformed"),
+        (lambda m: m.update(fsize=0), "header field 'fsize' missing or malformed"),
+        (lambda m: m.update(fsize=A.MAX_FRAME_SIZE + 1), "header field 'fsize' missing or malformed"),
+        (lambda m: m.update(fsize=4096 * 2), "header field 'frames' inconsistent: 4 frames of 8192 bytes"),
+    ],
+)
+def test_framed_header_inconsistent(samples, mutate, message):
+    both_paths_raise(rebuild(samples["snapshot-frames"], mutate), message)
+
+
+def test_framed_payload_damage_with_honest_checksum(samples):
+    art = samples["snapshot-frames"]
+    m, payload = split(art)
+    n = m["frames"]
+    frames, off = [], 0
+    for size in n:
+        frames.append(payload[off : off + size])
+        off += size
+    # the last frame (2 pages) where the first (6) should be, lengths and checksum honest
+    swapped = [frames[-1], *frames[1:-1], frames[0]]
+    both_paths_raise(
+        _with_payload(art, b"".join(swapped), frames=[len(x) for x in swapped]),
+        "corrupt zstd payload (a frame does not decode to its size)",
+    )
+    # a frame with bytes after it, within its length
+    padded = [frames[0] + b"\0\0", *frames[1:]]
+    both_paths_raise(_with_payload(art, b"".join(padded), frames=[len(x) for x in padded]), "corrupt zstd payload")
+    # a streamed frame (no recorded size) of the right content
+    image = make_image(20, 4096)
+    cobj = zstandard.ZstdCompressor().compressobj()
+    streamed = cobj.compress(image[: 6 * 4096]) + cobj.flush()
+    assert zstandard.frame_content_size(streamed) == -1
+    other = [streamed, *frames[1:]]
+    both_paths_raise(
+        _with_payload(art, b"".join(other), frames=[len(x) for x in other]),
+        "corrupt zstd payload (a frame does not decode to its size)",
+    )
+    # garbage in a frame
+    junk = [frames[0], b"x" * len(frames[1]), *frames[2:]]
+    both_paths_raise(_with_payload(art, b"".join(junk)), "corrupt zstd payload")
+
+
+def test_decode_body_into_raises_the_writers_error(samples):
+    art = A.encode_snapshot(GEN, 3, 4096, make_image(40, 4096), commit_time=3.0, frame_size=4096)
+    calls = []
+
+    def write_at(off, data):
+        calls.append(off)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+
+    f = io.BytesIO(art)
+    with pytest.raises(OSError, match="No space left"):
+        A.decode_body_into(f, A.read_header(f), write_at, workers=2)
+    assert len(calls) < 40  # it stopped
+
+
 # ---------------------------------------------------------------------------- checksums
 
 
@@ -404,15 +577,17 @@ def samples() -> dict[str, bytes]:
     return {
         "segment-zstd": A.encode_segment(GEN, 1024, make_txns(1024, count=6)),
         "segment-none": A.encode_segment(GEN, 512, make_txns(512, count=3), codec="none"),
-        "snapshot-zstd": A.encode_snapshot(GEN, 3, 4096, make_image(20, 4096), commit_time=3.0),
+        "snapshot-zstd": A.encode_snapshot(GEN, 3, 4096, make_image(20, 4096), commit_time=3.0, codec="zstd"),
         "snapshot-none": A.encode_snapshot(GEN, 3, 512, make_image(10, 512), commit_time=3.0, codec="none"),
+        # zstd-frames, as snapshots are written: 20 pages in frames of 6 pages (the last 2)
+        "snapshot-frames": A.encode_snapshot(GEN, 3, 4096, make_image(20, 4096), commit_time=3.0, frame_size=6 * 4096),
     }
 
 
 def both_paths_raise(art: bytes, match: str | None = None) -> list[str]:
     """Decode with the buffer and the streaming API; both must raise ArtefactError (never another type)."""
     messages = []
-    for fn in (A.decode, stream_decode):
+    for fn in (A.decode, stream_decode, parallel_decode):
         with pytest.raises(ArtefactError) as e:
             fn(art)
         msg = str(e.value)
@@ -423,7 +598,7 @@ def both_paths_raise(art: bytes, match: str | None = None) -> list[str]:
     return messages
 
 
-@pytest.mark.parametrize("name", ["segment-zstd", "segment-none", "snapshot-zstd", "snapshot-none"])
+@pytest.mark.parametrize("name", ["segment-zstd", "segment-none", "snapshot-zstd", "snapshot-none", "snapshot-frames"])
 def test_every_flipped_bit_is_detected(samples, name):
     art = samples[name]
     end = A.header_end(art)
@@ -449,10 +624,10 @@ def test_every_flipped_bit_is_detected(samples, name):
             "payload": "payload checksum mismatch",
         }.get(region)
         if expected:
-            assert msgs == [expected, expected], (region, pos, msgs)
+            assert msgs == [expected] * 3, (region, pos, msgs)
 
 
-@pytest.mark.parametrize("name", ["segment-zstd", "snapshot-none"])
+@pytest.mark.parametrize("name", ["segment-zstd", "snapshot-none", "snapshot-frames"])
 def test_every_truncation_is_detected(samples, name):
     art = samples[name]
     end = A.header_end(art)
@@ -461,7 +636,7 @@ def test_every_truncation_is_detected(samples, name):
         msgs = both_paths_raise(art[:n], "truncated: ")
         if n >= end:
             want = f"truncated: payload has {n - end} of {len(art) - end} bytes"
-            assert msgs == [want, want]
+            assert msgs == [want] * 3
 
 
 def test_wrong_magic(samples):
