@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from replicas import StorageError
 from replicator.config import DbConfig, encryption_key_of
+from replicator.errors import BootstrapError  # noqa: F401  (defined apart, for the CLI)
 from replicator.restore import RestoreError, list_artefacts, restore
 from replicator.restore_plan import PlanError, RestoreTarget, plan_restore
-
-
-class BootstrapError(Exception):
-    """The database is missing and cannot be restored; one line."""
 
 
 def restore_if_missing(db: DbConfig, log) -> bool:

@@ -709,9 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     from replicator.config import ConfigError
     from replicator.restore import RestoreError
     from replicator.restore_plan import PlanError
-    from replicator.metrics_server import MetricsServerError
-    from replicator.bootstrap import BootstrapError
-    from replicator.shadow import ShadowLocked
+    from replicator.errors import BootstrapError, MetricsServerError, ShadowLocked
 
     level = args.log_level or os.environ.get("REPLICATOR_LOG_LEVEL") or "info"
     logs.configure(level, args.log_format or "auto")

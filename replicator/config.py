@@ -22,7 +22,6 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import quote, unquote, urlsplit
 
-import yaml
 
 from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
@@ -430,36 +429,49 @@ class _Context:
         raise ConfigError(prefix + message, key=path or None, detail=message)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which plain YAML silently collapses."""
+_LOADER: Any = None
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[dict]:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            first = seen.setdefault(key, key_node.start_mark.line)
-        except TypeError:
-            continue  # unhashable key: construct_mapping reports it
-        if first != key_node.start_mark.line:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark
-            )
-    data: dict = {}
-    yield data
-    data.update(loader.construct_mapping(node))
+def _yaml_loader() -> tuple[Any, Any]:
+    """PyYAML and its SafeLoader that rejects duplicate keys (which plain YAML silently
+    collapses), made on first use: `replicator restore URL` reads no config file and so
+    need not pay for importing PyYAML."""
+    global _LOADER
+    import yaml
 
+    if _LOADER is None:
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+        class _Loader(yaml.SafeLoader):
+            pass
+
+        def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[dict]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = loader.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:
+                    continue  # unhashable key: construct_mapping reports it
+                if first != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark
+                    )
+            data: dict = {}
+            yield data
+            data.update(loader.construct_mapping(node))
+
+        _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+        _LOADER = _Loader
+    return yaml, _LOADER
 
 
 def _parse(text: str, *, source: Path | None, environ: Mapping[str, str], file_mode: int | None) -> Config:
     label = str(source) if source is not None else "config"
+    yaml, loader = _yaml_loader()
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        doc = yaml.load(text, Loader=loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

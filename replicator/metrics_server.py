@@ -17,10 +17,7 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicator import metrics
-
-
-class MetricsServerError(Exception):
-    """The address cannot be served (in use, not local, bad host); one line."""
+from replicator.errors import MetricsServerError  # noqa: F401  (defined apart, for the CLI)
 
 
 def _split(addr: str) -> tuple[str, int]:

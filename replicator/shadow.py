@@ -48,6 +48,7 @@ from typing import BinaryIO
 
 from replicator import failpoints, keys
 from replicator.artefact import EncodedArtefact, xor_of_u64
+from replicator.errors import ShadowLocked  # noqa: F401  (defined apart, for the CLI)
 from replicator.fsutil import fsync_dir
 
 import xxhash
@@ -275,10 +276,6 @@ class PageHashes:
         self._unmap()
         self._pages = -1
         self._parked = False
-
-
-class ShadowLocked(Exception):
-    """Another agent holds the shadow directory; one line."""
 
 
 @dataclass
