@@ -50,7 +50,7 @@ KINDS = (SNAPSHOT, SEGMENT)
 ZSTD, FRAMED, NONE = "zstd", "zstd-frames", "none"
 CODECS = (ZSTD, FRAMED, NONE)
 FRAME_SIZE = 4 << 20  # raw bytes per frame that writers of zstd-frames use
-MAX_FRAME_SIZE = 64 << 20  # the largest a reader accepts (it holds one frame's output per worker)
+MAX_FRAME_SIZE = 16 << 20  # the largest a reader accepts: a restore holds up to 5 frames and their output
 
 _BATCH = 1 << 20  # bytes handed to the compressor / spool per call
 _COPY_CHUNK = 1 << 20
