@@ -182,3 +182,34 @@ def test_snapshot_of_many_frames_restores_page_for_page(tmp_path):
     assert p.returncode == 1, p.stderr
     assert p.stderr.count("\n") == 1 and snap.name in p.stderr and "payload checksum mismatch" in p.stderr, p.stderr
     assert not out.exists() and not list(tmp_path.glob(".again.db.tmp-*"))
+
+
+def test_restore_from_a_url_loads_neither_the_metrics_server_nor_yaml(tmp_path):
+    """A restore in an init step starts fast: restoring from a replica URL imports neither
+    prometheus-client (with http.server) nor PyYAML, which only the agent and config files
+    need."""
+    import subprocess
+    import sys
+    import time
+
+    from harness import ROOT, checkpoint, env
+    from replicator import artefact as A, keys
+
+    db, replica = tmp_path / "src.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 20, 300]])
+    checkpoint(db)
+    image = db.read_bytes()
+    now = time.time()
+    gen = keys.new_generation_id(now)
+    key = keys.snapshot_key(gen, 0, int(now * 1000))
+    (replica / key).parent.mkdir(parents=True)
+    (replica / key).write_bytes(A.encode_snapshot(gen, 0, 4096, image, commit_time=now))
+    out = tmp_path / "out.db"
+    code = (
+        "import sys; from replicator.cli import main; "
+        f"rc = main(['restore', '-o', {str(out)!r}, {replica.as_uri()!r}]); "
+        "print(rc, sorted(m for m in ('prometheus_client', 'http.server', 'yaml') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)
+    assert p.stdout.strip() == "0 []", (p.stdout, p.stderr)
+    assert out.read_bytes() == image
