@@ -348,6 +348,9 @@ def _frames_from_map(m: dict, rlen: int, plen: int, enc: Encryption | None) -> t
         raise _malformed("frames")
     if len(frames) != -(-rlen // fsize):
         raise ArtefactError(f"header field 'frames' inconsistent: {len(frames)} frames of {fsize} bytes for rlen {rlen}")
+    if max(frames, default=0) > max_frame_length(fsize):
+        # above zstd's worst case for fsize bytes: a reader would hold it in memory for nothing
+        raise ArtefactError(f"header field 'frames' inconsistent: a frame longer than {fsize} bytes can compress to")
     total = sum(frames)
     if (total if enc is None else encryption.stored_length(total, enc.chunk)) != plen:
         raise ArtefactError("header field 'frames' inconsistent: the frames do not add up to the payload")
@@ -513,6 +516,16 @@ def _opener(header: ArtefactHeader, key: EncryptionKey | None, source: _PayloadS
     )
 
 
+def _payload(f: BinaryIO, header: ArtefactHeader, key: EncryptionKey | None) -> tuple[_PayloadSource, Any, encryption.Opener | None]:
+    """(source, stored, opener): the hashing reader of the stored bytes, where the codec
+    reads its input (those bytes, or their plaintext), and the decrypting reader if any."""
+    source = _PayloadSource(f, header.payload_length)
+    if header.encryption is None:
+        return source, source, None
+    opener = _opener(header, key, source)
+    return source, opener, opener
+
+
 def iter_body(
     f: BinaryIO, header: ArtefactHeader, *, chunk_size: int = 1 << 20, encryption_key: EncryptionKey | None = None
 ) -> Iterator[bytes]:
@@ -524,11 +537,7 @@ def iter_body(
     its chunks is authenticated before any of its bytes is yielded, and the last one binds
     the header, so the header too is proven only at the end.
     """
-    source = _PayloadSource(f, header.payload_length)
-    stored: Any = source  # where the codec reads its input: the stored bytes, or their plaintext
-    opener = None
-    if header.encryption is not None:
-        stored = opener = _opener(header, encryption_key, source)
+    source, stored, opener = _payload(f, header, encryption_key)
     produced = 0
     problem = None
     if header.codec == NONE:
@@ -595,11 +604,7 @@ def decode_body_into(
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    source = _PayloadSource(f, header.payload_length)
-    stored: Any = source
-    opener = None
-    if header.encryption is not None:
-        stored = opener = _opener(header, encryption_key, source)
+    source, stored, opener = _payload(f, header, encryption_key)
     produced = 0
     problem = None
 
@@ -640,6 +645,13 @@ def decode_body_into(
             for fut in pending:
                 fut.cancel()
     _end_of_payload(f, header, source, opener, produced, problem)
+
+
+def max_frame_length(fsize: int) -> int:
+    """The most a zstd frame of fsize raw bytes may take, with room to spare: zstd's own
+    worst case (ZSTD_compressBound) is fsize + fsize/256 plus under 64 bytes of header and
+    at most 64 bytes more for inputs under 128 KiB."""
+    return fsize + (fsize >> 7) + 4096
 
 
 class _FrameError(Exception):
@@ -981,12 +993,9 @@ class _Writer:
             # each frame a one-shot compression: its header records its size, so a reader
             # knows what it decodes to before it allocates
             self._cctx = zstandard.ZstdCompressor(level=level, threads=threads)
-        elif codec != ZSTD:
-            pass
-        elif compressor is not None:
-            self._cobj = compressor.compressobj()
-        else:
-            self._cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+        elif codec == ZSTD:
+            cctx = compressor if compressor is not None else zstandard.ZstdCompressor(level=level, threads=threads)
+            self._cobj = cctx.compressobj()
         self._raw = 0
         self._state = "open"  # open | failed | finished | closed
 

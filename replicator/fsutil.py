@@ -43,6 +43,17 @@ def write_atomic(path: str | os.PathLike, writer: Callable[[BinaryIO], None] | b
         fsync_dir(path.parent)
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (a short write is retried from where it
+    stopped; a write of nothing is ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        view, offset = view[n:], offset + n
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Callable[..., int] | None | bool = False  # False: not looked up yet
 

@@ -18,7 +18,7 @@ from replicas import Driver, NotFound, StorageError
 from replicator import keys
 from replicator.artefact import ArtefactError, decode_body_into, iter_segment_pages, read_header, verify_key
 from replicator.encryption import EncryptionKey
-from replicator.fsutil import fsync_dir, start_writeback, temp_path
+from replicator.fsutil import fsync_dir, pwrite_all, start_writeback, temp_path
 from replicator.restore_plan import RestorePlan, RestoreTarget, plan_restore
 
 
@@ -249,18 +249,8 @@ DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 def _pwrite_all(fd: int, data, offset: int) -> None:
     """Write all of data at offset, then start its writeback (the disk writes while the
     rest is decoded, and the final fsync has little left to wait for)."""
-    view = memoryview(data).cast("B")
-    length = view.nbytes
-    _pwrite_loop(fd, view, offset)
-    start_writeback(fd, offset, length)
-
-
-def _pwrite_loop(fd: int, view: memoryview, offset: int) -> None:
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(28, "No space left on device")
-        view, offset = view[n:], offset + n
+    pwrite_all(fd, data, offset)
+    start_writeback(fd, offset, memoryview(data).nbytes)
 
 
 def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:

@@ -49,7 +49,7 @@ from typing import BinaryIO
 from replicator import failpoints, keys
 from replicator.artefact import EncodedArtefact, xor_of_u64
 from replicator.errors import ShadowLocked  # noqa: F401  (defined apart, for the CLI)
-from replicator.fsutil import fsync_dir
+from replicator.fsutil import fsync_dir, pwrite_all
 
 import xxhash
 
@@ -642,10 +642,8 @@ class _LogWriter:
 
     def seal(self) -> None:
         digest = self._hash.intdigest().to_bytes(_REC_SUM, "little")
-        while digest:
-            n = os.pwrite(self.fd, digest, self.pos)
-            self.pos += n
-            digest = digest[n:]
+        pwrite_all(self.fd, digest, self.pos)
+        self.pos += len(digest)
 
 
 class _Slice(io.RawIOBase):

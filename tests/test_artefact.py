@@ -486,6 +486,10 @@ def test_framed_snapshot_encrypted_round_trip():
         (lambda m: m.update(fsize=0), "header field 'fsize' missing or malformed"),
         (lambda m: m.update(fsize=A.MAX_FRAME_SIZE + 1), "header field 'fsize' missing or malformed"),
         (lambda m: m.update(fsize=4096 * 2), "header field 'frames' inconsistent: 4 frames of 8192 bytes"),
+        # a frame longer than zstd can make of fsize bytes (plen kept consistent)
+        (lambda m: m.update(frames=[A.max_frame_length(m["fsize"]) + 1, *m["frames"][1:]],
+                            plen=A.max_frame_length(m["fsize"]) + 1 + sum(m["frames"][1:])),
+         "header field 'frames' inconsistent: a frame longer than"),
     ],
 )
 def test_framed_header_inconsistent(samples, mutate, message):
