@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from replicas import StorageError
 from replicator.config import DbConfig, encryption_key_of
-from replicator.errors import BootstrapError  # noqa: F401  (defined apart, for the CLI)
+from replicator.errors import BootstrapError  # defined apart, so the CLI can catch it without importing this module
 from replicator.restore import RestoreError, list_artefacts, restore
 from replicator.restore_plan import PlanError, RestoreTarget, plan_restore
 

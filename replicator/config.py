@@ -22,7 +22,6 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 from urllib.parse import quote, unquote, urlsplit
 
-
 from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
 from replicator.encryption import EncryptionKey, KeyFormatError, parse_key_text, read_key_file

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicator import metrics
-from replicator.errors import MetricsServerError  # noqa: F401  (defined apart, for the CLI)
+from replicator.errors import MetricsServerError  # defined apart, so the CLI can catch it without importing this module
 
 
 def _split(addr: str) -> tuple[str, int]:

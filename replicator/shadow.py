@@ -48,7 +48,7 @@ from typing import BinaryIO
 
 from replicator import failpoints, keys
 from replicator.artefact import EncodedArtefact, xor_of_u64
-from replicator.errors import ShadowLocked  # noqa: F401  (defined apart, for the CLI)
+from replicator.errors import ShadowLocked  # defined apart, so the CLI can catch it without importing this module
 from replicator.fsutil import fsync_dir, pwrite_all
 
 import xxhash
