@@ -37,7 +37,8 @@ class Ctx:
     intervals: list[float | None]  # extra Litestream intervals for scenarios 1 and 2 (None = defaults)
     quick: bool
     runs: int  # scenario 1 runs
-    reps: int  # repetitions in scenarios 2, 3, 5, 8
+    reps: int  # repetitions in scenarios 2, 3, 8
+    restore_reps: int = 7  # repetitions of the timed restores (and cp+fsync) in scenario 5
     log: Callable[[str], None] = print
     commands: dict[str, str] = field(default_factory=dict)
     configs: dict[str, str] = field(default_factory=dict)
@@ -569,10 +570,13 @@ def scenario5_6(ctx: Ctx, want5: bool, want6: bool) -> list[Section]:
     # restores, interleaved with cp + fsync of the reference database
     ref0 = base_dir / slug(ctx.tools[0].label) / "ref.sqlite"
     entries: list[str] = ["cp+fsync", *[t.label for t in ctx.tools]]
-    for i in range(ctx.reps):
+    for i in range(ctx.restore_reps):
         for lab in rotate(entries, i):
             out = base_dir / "out.sqlite"
             H.rm(out)
+            # no dirty data left from what ran before (the setup's copies, the last restore)
+            # for the disk to write back while this one is timed
+            os.sync()
             if lab == "cp+fsync":
                 cmd = ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(ref0), str(out)]
                 ctx.note_cmd("baseline: cp + fsync", cmd)
@@ -608,8 +612,9 @@ def scenario5_6(ctx: Ctx, want5: bool, want6: bool) -> list[Section]:
         "agent is stopped (SIGTERM). The restore command of each tool is then timed (wall clock, process start to "
         "exit, so replicator's verification and Python start-up are included), interleaved with `cp` + `sync` of "
         "a checkpointed copy of the same database, "
-        f"{ctx.reps} repetition(s), medians. Page cache is warm for both (the replica files and the source were just "
-        "written). Restore peak RSS is `ru_maxrss` from `wait4()`. Every restore is checked for row count and last "
+        f"{ctx.restore_reps} repetition(s), medians; each timed command starts after a `sync`, so no dirty data from "
+        "what ran before is written back during it. Page cache is warm for both (the replica files and the source were "
+        "just written). Restore peak RSS is `ru_maxrss` from `wait4()`. Every restore is checked for row count and last "
         "row (and, in the first repetition, `integrity_check`).",
     )
     s6 = Section(
