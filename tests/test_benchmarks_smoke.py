@@ -22,7 +22,7 @@ def test_run_help_lists_the_options():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    for opt in ("--scenarios", "--quick", "--runs", "--out", "--tools", "--intervals", "--workdir"):
+    for opt in ("--scenarios", "--quick", "--runs", "--reps", "--restore-reps", "--out", "--tools", "--intervals", "--workdir"):
         assert opt in out
     assert "litestream-0.5.17" in out and "litestream-0.3.13" in out
     assert "docs/benchmarks.md" in out
@@ -32,6 +32,20 @@ def test_run_rejects_an_unknown_scenario():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--scenarios", "9"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "unknown scenario" in p.stderr
+
+
+def test_run_rejects_zero_restore_repetitions():
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--restore-reps", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--restore-reps must be >= 1" in p.stderr
+
+
+def test_restore_repetitions_default_to_seven_and_one_when_quick():
+    from benchmarks import run
+
+    assert run.parse_args([]).restore_reps == 7
+    assert run.parse_args(["--quick"]).restore_reps == 1
+    assert run.parse_args(["--restore-reps", "3"]).restore_reps == 3
 
 
 def test_median():
