@@ -38,7 +38,7 @@ class Ctx:
     quick: bool
     runs: int  # scenario 1 runs
     reps: int  # repetitions in scenarios 2, 3, 8
-    restore_reps: int = 7  # repetitions of the timed restores (and cp+fsync) in scenario 5
+    restore_reps: int  # repetitions of the timed restores (and cp+fsync) in scenario 5
     log: Callable[[str], None] = print
     commands: dict[str, str] = field(default_factory=dict)
     configs: dict[str, str] = field(default_factory=dict)
