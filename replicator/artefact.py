@@ -586,7 +586,7 @@ def decode_body_into(
 ) -> None:
     """Decode the payload that follows the header in f, handing each piece of the raw body to
     write_at(offset, data). A zstd-frames payload is decoded by `workers` threads (zstd and
-    write_at, typically os.pwrite, run without the GIL), at most workers + 1 frames in
+    write_at, typically a pwrite, run without the GIL), at most workers + 1 frames in
     memory; any other codec is decoded in order on this thread. progress, if given, gets the
     size of each piece written (on this thread).
 

@@ -217,7 +217,7 @@ def _build(
                         # every page is read so the payload checksum gets verified; only
                         # the transactions the target wants are applied
                         if txn.txid > txid and _wanted(p, txn):
-                            os.pwrite(fd, data, (pgno - 1) * page_size)
+                            pwrite_all(fd, data, (pgno - 1) * page_size)  # a short write is retried, not left torn
                             fetched += len(data)
                             highest = max(highest, pgno)
                     for t in sh.txns:
