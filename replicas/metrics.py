@@ -1,4 +1,5 @@
-"""Per-operation metrics, as a wrapper around any driver (Prometheus client, default registry).
+"""Per-operation metrics, as a wrapper around any driver (Prometheus client, default registry,
+counted once the agent serves metrics: see replicas.instruments).
 
     replicator_replica_operation_seconds{db, replica, operation}          histogram
     replicator_replica_operation_errors_total{db, replica, operation, kind}  counter
@@ -14,10 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
-from prometheus_client import Counter, Histogram
-
 from .base import Driver, ObjectInfo
 from .errors import StorageError
+from .instruments import Counter, Histogram
 
 T = TypeVar("T")
 

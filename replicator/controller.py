@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable
 
-from replicas import RetryingDriver, TimeoutDriver, open_driver
+from replicas import RetryingDriver, TimeoutDriver, instruments, open_driver
 from replicas.metrics import MetricsDriver
 from replicator import keys, logs, memory, metrics
 from replicator.artefact import ArtefactHeader
@@ -360,6 +360,9 @@ class Agent:
         self.config = config
         self.log = logs.get()
         self._on_shipped = on_shipped
+        self.metrics_addr = metrics_addr or config.metrics_addr
+        if self.metrics_addr:  # count from the start: before any component takes a labelled child
+            instruments.enable()
         # databases and _by_path are replaced, never mutated (copy on write): status, metrics
         # and the monitors iterate them without a lock while add/remove_database run
         self.databases = [DatabaseReplicator(db, on_shipped=on_shipped) for db in config.dbs]
@@ -371,7 +374,6 @@ class Agent:
         self._events = ChangeEvents(self._wake_database)
         self._stopped = threading.Event()
         self._stopping = threading.Event()
-        self.metrics_addr = metrics_addr or config.metrics_addr
         self.metrics_server = None
         self._monitor: threading.Thread | None = None
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from replicator import metrics
+from replicas import instruments
+from replicator import exposition
 from replicator.errors import MetricsServerError  # defined apart, so the CLI can catch it without importing this module
 
 
@@ -46,7 +47,8 @@ class MetricsServer:
 
     def __init__(self, addr: str, status: Callable[[], dict[str, Any]]) -> None:
         self.status = status
-        self.registry = metrics.status_registry(status)
+        instruments.enable()  # the event metrics count from here on (the agent enables them sooner)
+        self.registry = exposition.status_registry(status)
         host, port = _split(addr)
         server = self
 
@@ -54,7 +56,7 @@ class MetricsServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, metrics.exposition(server.registry), CONTENT_TYPE_LATEST)
+                    self._send(200, exposition.exposition(server.registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     self._send(200, b"ok\n")
                 elif path == "/readyz":

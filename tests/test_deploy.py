@@ -35,7 +35,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from replicator import metrics
+from replicator import exposition
 from replicator.config import parse_config
 from replicator.metrics_server import MetricsServer
 
@@ -507,7 +507,7 @@ def test_dashboard_queries_are_valid_promql(promql):
 
 
 def test_every_metric_name_used_is_exported(promql):
-    exported = metrics.metric_names()
+    exported = exposition.metric_names()
     used = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     used.update({f"dashboard: {e}": ungrafana(e) for e in dashboard_exprs()})
     for where, expr in used.items():
@@ -615,7 +615,7 @@ def scraped(agents: dict[str, dict]) -> list[tuple[dict, float]]:
     for instance, status in agents.items():
         target = {"job": "replicator", "instance": instance}
         series.append(({"__name__": "up", **target}, 1.0))
-        text = generate_latest(metrics.status_registry(lambda s=status: s)).decode()
+        text = generate_latest(exposition.status_registry(lambda s=status: s)).decode()
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 series.append(({"__name__": s.name, **s.labels, **target}, float(s.value)))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY
 
-from replicas import NotFound, open_driver
+from replicas import NotFound, instruments, open_driver
 from replicas.metrics import MetricsDriver
+
+instruments.enable()  # as the agent does when it serves metrics-addr (they count from here on)
 
 
 def _value(name: str, **labels: str) -> float:

@@ -109,3 +109,58 @@ def test_raw_page_reads_share_the_pin_connections_database_fd(tmp_path):
     finally:
         sql.close()
     assert fds_on_db() == []  # closed with the connection, once
+
+
+_PROBE = """
+import os, sys, threading, time
+from pathlib import Path
+from replicator.cli import main
+
+db, replica, wanted = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+
+
+def probe():
+    deadline = time.monotonic() + 30
+    while not any(p.is_file() for p in replica.rglob('*')) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # idle a while: nothing imported lazily later may hide
+    print(sorted(m for m in ('prometheus_client', 'http.server', 'urllib.request', 'asyncio', 'ssl') if m in sys.modules))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+threading.Thread(target=probe, daemon=True).start()
+main(['replicate', *wanted, db, replica.as_uri()])  # the main thread, for its signal handlers
+os._exit(3)
+"""
+
+
+def _modules_of_a_running_agent(tmp_path: Path, *options: str) -> list[str]:
+    import ast
+    import subprocess
+    import sys
+
+    from harness import ROOT, env
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 10, 500]])
+    p = subprocess.run([sys.executable, "-c", _PROBE, str(db), str(replica), *options], capture_output=True, text=True,
+                       timeout=60, env=env(), cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip(), (p.stdout, p.stderr)
+    assert has_snapshot(replica), p.stderr
+    return ast.literal_eval(p.stdout.strip().splitlines()[-1])
+
+
+def test_an_agent_without_metrics_addr_loads_neither_prometheus_client_nor_asyncio_nor_ssl(tmp_path):
+    """The idle footprint: a real agent replicating to a file replica without metrics-addr
+    runs without prometheus-client (and its http.server, urllib.request and ssl) and
+    without asyncio (which structlog imports for async methods the agent never calls)."""
+    assert _modules_of_a_running_agent(tmp_path) == []
+
+
+def test_an_agent_serving_metrics_loads_prometheus_client_and_still_not_asyncio(tmp_path):
+    from harness import free_port
+
+    loaded = _modules_of_a_running_agent(tmp_path, "--metrics-addr", f"127.0.0.1:{free_port()}")
+    assert "prometheus_client" in loaded and "http.server" in loaded, loaded
+    assert "asyncio" not in loaded, loaded
