@@ -158,6 +158,20 @@ def machine_info(work: Path) -> dict:
     return info
 
 
+def cpu_probe() -> float:
+    """Seconds a fresh interpreter takes for a fixed pure-Python loop (best of three).
+
+    The machines are shared and their hosts differ: the same code has measured 9 % and
+    21 % of a core in scenario 2 on two days. The probe, taken at the start and the end
+    of a run, lets a reader compare runs (and the absolute targets) across hosts."""
+    code = "import time\nt=time.perf_counter()\nx=0\nfor i in range(5_000_000): x+=i\nprint(time.perf_counter()-t)"
+    best = float("inf")
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+        best = min(best, float(out))
+    return best
+
+
 # ---- report -----------------------------------------------------------------------------
 
 
@@ -212,6 +226,11 @@ def render(meta: dict, sections) -> str:
              f"{info.get('disk_free_gib')} GiB free of {info.get('disk_total_gib')} GiB at the start")
     L.append(f"- **Load average** (1, 5, 15 min): {info.get('loadavg_start')} at the start, {info.get('loadavg_end')} at the end. "
              "The machine is shared; figures are medians of interleaved runs to limit the effect of noise.")
+    if info.get("cpu_probe_start") is not None:
+        L.append(f"- **CPU probe** (a fresh Python interpreter adding up 5 million integers in a loop, best of three): "
+                 f"{info['cpu_probe_start']:.3f} s at the start, {info.get('cpu_probe_end', float('nan')):.3f} s at the end. "
+                 "Hosts of this kind differ by a factor of two or more, and so do CPU figures in % of a core (scenario 2's "
+                 "target is absolute); compare runs by this probe and by the Litestream figures of the same run.")
     L.append("")
     d = meta.get("replicator_defaults") or {"sync-interval": 0.01, "compression-level": 3, "segment-compression-level": 1}
     L.append(f"Settings: replicator runs at its defaults (`sync-interval` {d['sync-interval'] * 1000:g}ms, zstd level "
@@ -356,6 +375,7 @@ def main(argv=None) -> int:
     log(f"replicator benchmarks: {cmdline}")
     log(f"work directory {work}; log {log_path}")
     info = machine_info(work)
+    info["cpu_probe_start"] = cpu_probe()
     log("machine: " + json.dumps(info))
     tools = [make_tool(n) for n in a.tool_list]
     versions = {}
@@ -402,6 +422,8 @@ def main(argv=None) -> int:
         log("interrupted: writing what was measured so far")
     sections.sort(key=lambda s: s.number)
     info["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["cpu_probe_end"] = cpu_probe()
+    log(f"cpu probe: {info['cpu_probe_start']:.3f} s at the start, {info['cpu_probe_end']:.3f} s at the end")
     finished = dt.datetime.now(dt.timezone.utc)
     if interrupted:
         errors.append(("-", "interrupted"))

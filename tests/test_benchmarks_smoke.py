@@ -130,3 +130,22 @@ def test_target_rows_render_pass_miss_table():
     assert stats.count_verdicts(rows) == {PASS: 1, MISS: 2, NA: 1}
     s = rows[1].summary()
     assert s["result"] == MISS and s["ratio"] == pytest.approx(24.0 / 2.8)
+
+
+def test_the_report_names_the_cpu_probe_when_the_run_took_it():
+    import json
+
+    from benchmarks import run
+
+    meta = json.loads((ROOT / "benchmarks" / "results" / "full-run.json").read_text())
+    sections = [run.section_from_dict(d) for d in meta.pop("sections")]
+    assert "CPU probe" not in run.render(meta, sections)  # a run from before the probe
+    meta["machine"] = {**meta["machine"], "cpu_probe_start": 0.5123, "cpu_probe_end": 0.6789}
+    text = run.render(meta, sections)
+    assert "**CPU probe**" in text and "0.512 s at the start, 0.679 s at the end" in text
+
+
+def test_cpu_probe_times_a_fresh_interpreter():
+    from benchmarks import run
+
+    assert 0 < run.cpu_probe() < 60
