@@ -21,9 +21,13 @@ from replicator.wal_events import ChangeEvents
 
 def open_replica(rc: ReplicaConfig, db: str = ""):
     """The driver for a configured replica: retries around per-attempt metrics around a
-    deadline on progress (op-timeout), all wrappers around the backend's driver."""
+    deadline on progress (op-timeout), all wrappers around the backend's driver. The
+    metrics wrapper only when metrics count (replicas.instruments): it would time every
+    operation for nothing otherwise."""
     driver = TimeoutDriver(open_driver(rc.url, **dict(rc.options)), op_timeout=rc.op_timeout)
-    return RetryingDriver(MetricsDriver(driver, db=db, replica=rc.name), attempts=3)
+    if instruments.enabled():
+        driver = MetricsDriver(driver, db=db, replica=rc.name)
+    return RetryingDriver(driver, attempts=3)
 
 
 class DatabaseReplicator:

@@ -68,3 +68,18 @@ def test_instruments_count_nothing_and_import_nothing_until_enabled():
         "      v('replicator_test_late_total', {'db': 'a'}))\n"
     )
     assert out == ["False", "True", "False", "1.0", "1.0", "1.0", "3.0"]
+
+
+def test_replica_drivers_are_measured_only_once_metrics_count():
+    out = run(
+        "from replicas import instruments\n"
+        "from replicas.metrics import MetricsDriver\n"
+        "from replicator.config import ReplicaConfig\n"
+        "from replicator.controller import open_replica\n"
+        "import tempfile\n"
+        "rc = ReplicaConfig('r', 'file://' + tempfile.mkdtemp(), 'file', {}, 86400.0, 3600.0, 0.02)\n"
+        "print(isinstance(open_replica(rc, 'db').inner, MetricsDriver))\n"
+        "instruments.enable()\n"
+        "print(isinstance(open_replica(rc, 'db').inner, MetricsDriver))\n"
+    )
+    assert out == ["False", "True"]
