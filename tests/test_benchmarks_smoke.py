@@ -139,10 +139,10 @@ def test_the_report_names_the_cpu_probe_when_the_run_took_it():
 
     meta = json.loads((ROOT / "benchmarks" / "results" / "full-run.json").read_text())
     sections = [run.section_from_dict(d) for d in meta.pop("sections")]
-    assert "CPU probe" not in run.render(meta, sections)  # a run from before the probe
-    meta["machine"] = {**meta["machine"], "cpu_probe_start": 0.5123, "cpu_probe_end": 0.6789}
-    text = run.render(meta, sections)
-    assert "**CPU probe**" in text and "0.512 s at the start, 0.679 s at the end" in text
+    before = {k: v for k, v in meta["machine"].items() if not k.startswith("cpu_probe")}
+    assert "- **CPU probe**" not in run.render({**meta, "machine": before}, sections)  # a run from before the probe
+    text = run.render({**meta, "machine": {**before, "cpu_probe_start": 0.5123, "cpu_probe_end": 0.6789}}, sections)
+    assert "- **CPU probe**" in text and "0.512 s at the start, 0.679 s at the end" in text
 
 
 def test_cpu_probe_times_a_fresh_interpreter():
