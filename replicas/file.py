@@ -14,7 +14,6 @@ import errno
 import io
 import logging
 import os
-import secrets
 import stat
 import time
 import urllib.parse
@@ -178,7 +177,7 @@ class FileDriver(Driver):
         caller closes both."""
         short = name.encode()[:128].decode(errors="ignore")  # keep the temp name short
         for _ in range(8):
-            tmp = f".{short}.tmp-{secrets.token_hex(8)}"
+            tmp = f".{short}.tmp-{os.urandom(8).hex()}"
             try:
                 dirfd = self._open_dir(directory, key)
             except FileNotFoundError:

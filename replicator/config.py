@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote, urlsplit
 from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
 from replicator.encryption import EncryptionKey, KeyFormatError, parse_key_text, read_key_file
+from replicator.errors import ConfigError  # noqa: F401 - defined there so the CLI can catch it without this module
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -46,15 +47,6 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicator.yml")
 SCHEMES = ("file", "mem", "s3", "sftp", "nats")
-
-
-class ConfigError(Exception):
-    """A user mistake in the configuration; str() is one line naming the file and key path."""
-
-    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None) -> None:
-        super().__init__(message.replace("\r", " ").replace("\n", " "))
-        self.key = key  # the key path, e.g. "dbs[0].retention", when there is one
-        self.detail = detail if detail is not None else message  # the message without file and key
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 import string
 from typing import Callable
@@ -43,6 +42,8 @@ class KeyFormatError(ValueError):
 
 def key_id(key: bytes) -> str:
     """The key's id: the first 8 bytes of SHA-256(key), as 16 lower-case hex digits."""
+    import hashlib  # here: a restore of unencrypted artefacts never needs it
+
     return hashlib.sha256(key).digest()[:KID_SIZE].hex()
 
 

@@ -15,3 +15,12 @@ class MetricsServerError(Exception):
 
 class ShadowLocked(Exception):
     """Another agent holds the shadow directory; one line."""
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration; str() is one line naming the file and key path."""
+
+    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message.replace("\r", " ").replace("\n", " "))
+        self.key = key  # the key path, e.g. "dbs[0].retention", when there is one
+        self.detail = detail if detail is not None else message  # the message without file and key

@@ -187,7 +187,9 @@ def test_snapshot_of_many_frames_restores_page_for_page(tmp_path):
 def test_restore_from_a_url_loads_neither_the_metrics_server_nor_yaml(tmp_path):
     """A restore in an init step starts fast: restoring from a replica URL imports neither
     prometheus-client (with http.server) nor PyYAML, which only the agent and config files
-    need, nor asyncio and ssl, which only the NATS and S3 drivers need."""
+    need, nor asyncio and ssl, which only the NATS and S3 drivers need, nor the config
+    module (with its duration parsing and key handling) or hashlib, which only encrypted
+    artefacts need."""
     import subprocess
     import sys
     import time
@@ -208,7 +210,7 @@ def test_restore_from_a_url_loads_neither_the_metrics_server_nor_yaml(tmp_path):
     code = (
         "import sys; from replicator.cli import main; "
         f"rc = main(['restore', '-o', {str(out)!r}, {replica.as_uri()!r}]); "
-        "print(rc, sorted(m for m in ('prometheus_client', 'http.server', 'yaml', 'asyncio', 'ssl') if m in sys.modules))"
+        "print(rc, sorted(m for m in ('prometheus_client', 'http.server', 'yaml', 'asyncio', 'ssl', 'replicator.config', 'hashlib', 'secrets', 'tempfile') if m in sys.modules))"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)
     assert p.stdout.strip() == "0 []", (p.stdout, p.stderr)
