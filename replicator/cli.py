@@ -537,10 +537,10 @@ def _verify_targets(args) -> list[tuple[str | None, list[tuple[str, object]]]]:
 
 def cmd_verify(args) -> int:
     from replicas import StorageError
+    import tempfile
+
     from replicator.db_image import live_checksum
     from replicator.verify import Verdict, verify_replica
-
-    import tempfile
 
     scratch = Path(args.scratch_dir) if args.scratch_dir else Path(tempfile.gettempdir())
     if not scratch.is_dir():

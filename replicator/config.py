@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote, urlsplit
 from replicas.registry import redact_url
 from replicator.durations import UnitError, format_duration, format_size, parse_duration, parse_size
 from replicator.encryption import EncryptionKey, KeyFormatError, parse_key_text, read_key_file
-from replicator.errors import ConfigError  # noqa: F401 - defined there so the CLI can catch it without this module
+from replicator.errors import ConfigError  # defined there, so the CLI catches it without importing this module
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
