@@ -362,7 +362,17 @@ def scan_frames(
         if n == 0:
             return
         if vouched is None:
-            contrib = summer.contributions(buf, n)
+            # checksum only the frames that carry this incarnation's salts: the scan stops
+            # at the first that does not, and past the end of a restarted WAL the file
+            # holds a whole chunk of an older incarnation's frames (a restart's tail scan
+            # used to checksum 256 such frames, about 1 MiB, to find none)
+            m = 0
+            while m < n:
+                _, _, fs1, fs2, _, _ = unpack_hdr(buf, m * frame_size)
+                if fs1 != salt1 or fs2 != salt2:
+                    break
+                m += 1
+            contrib = summer.contributions(buf, m)
         for i in range(n):
             pos = i * frame_size
             pgno, commit, fs1, fs2, fc1, fc2 = unpack_hdr(buf, pos)
