@@ -726,3 +726,25 @@ def test_put_if_absent_is_atomic_across_drivers(live: NatsServer, drivers: list[
     assert clients[1].head("lock").size == 300_000 + winners[0]
     info = js_call(live, lambda js: js.stream_info(f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.>"))
     assert sum(info.state.subjects.values()) == 1 + 3  # warm's chunk + the winner's; losers purged
+
+
+def test_loop_thread_runs_before_its_constructor_returns(monkeypatch):
+    """A driver's first call, made at once, must not find its loop 'closed': on a busy
+    machine the loop's thread may start late (CI once failed a put that way). The thread
+    is slowed here on purpose, before it reaches run_forever()."""
+    from replicas.nats import loop as loop_mod
+
+    real = asyncio.set_event_loop
+
+    def late(loop):
+        time.sleep(0.05)
+        real(loop)
+
+    monkeypatch.setattr(loop_mod.asyncio, "set_event_loop", late)
+    lt = loop_mod.LoopThread("test-late-start")
+    try:
+        assert lt.running()
+        assert lt.submit(asyncio.sleep(0, result=7)).result(5) == 7
+    finally:
+        lt.stop(asyncio.sleep(0), 5)
+    assert not lt.thread.is_alive()

@@ -22,7 +22,12 @@ class LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # return only once the loop runs: a caller's first call checks running(), and
+        # on a busy machine the thread may not have reached run_forever() yet
+        started = threading.Event()
+        self.loop.call_soon(started.set)
         self.thread.start()
+        started.wait()
 
     def running(self) -> bool:
         return self.loop.is_running()
