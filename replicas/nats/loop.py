@@ -27,7 +27,9 @@ class LoopThread:
         started = threading.Event()
         self.loop.call_soon(started.set)
         self.thread.start()
-        started.wait()
+        while not started.wait(0.05):
+            if not self.thread.is_alive():  # died before its loop ran: calls then say "closed", never hang
+                break
 
     def running(self) -> bool:
         return self.loop.is_running()
