@@ -99,13 +99,20 @@ def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
     acc = 0
     chunk = max(1, (8 << 20) // page_size)
     h = xxhash.xxh3_64_intdigest
+    buf = bytearray(chunk * page_size)  # one buffer for the whole file: no fresh memory per chunk
+    mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         for first in range(1, db_pages + 1, chunk):
             n = min(chunk, db_pages - first + 1)
-            buf = f.read(n * page_size)
-            if len(buf) < n * page_size:
-                buf += bytes(n * page_size - len(buf))
-            mv = memoryview(buf)
+            want = n * page_size
+            got = 0
+            while got < want:
+                r = f.readinto(mv[got:want])
+                if not r:
+                    break
+                got += r
+            if got < want:  # past the end of the file: zeros, as SQLite reads them
+                mv[got:want] = bytes(want - got)
             for i in range(n):
                 acc ^= h(mv[i * page_size : (i + 1) * page_size], first + i)
     return acc
@@ -246,11 +253,25 @@ def _build(
 DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 
+# bytes per pwrite of a snapshot frame into the page cache. The kernel sizes a new page-cache
+# folio by the write: a 4 MiB write asks for 2 MiB folios, which come from the free lists'
+# large blocks. On a VM whose balloon reports free memory to the host (virtio-balloon free
+# page reporting, e.g. Firecracker), those are the blocks the host has taken back, and
+# filling them costs a host fault per page: a 256 MiB restore's build then took 0.5 to 0.9 s
+# instead of 0.13 s, in about one restore in three. 32 KiB (order 3, the largest the
+# per-CPU page lists serve) never did, for about 0.02 s more system CPU per 256 MiB
+# (benchmarks/profile.md, section 5).
+PAGE_CACHE_WRITE = 32 * 1024
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    """Write all of data at offset, then start its writeback (the disk writes while the
-    rest is decoded, and the final fsync has little left to wait for)."""
-    pwrite_all(fd, data, offset)
-    start_writeback(fd, offset, memoryview(data).nbytes)
+    """Write all of data at offset (in PAGE_CACHE_WRITE pieces), then start its writeback
+    (the disk writes while the rest is decoded, and the final fsync has little left to
+    wait for)."""
+    view = memoryview(data).cast("B")
+    for at in range(0, view.nbytes, PAGE_CACHE_WRITE):
+        pwrite_all(fd, view[at : at + PAGE_CACHE_WRITE], offset + at)
+    start_writeback(fd, offset, view.nbytes)
 
 
 def _verify_file(tmp: Path, p: RestorePlan, result: tuple) -> str:

@@ -215,3 +215,35 @@ def test_restore_from_a_url_loads_neither_the_metrics_server_nor_yaml(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT)
     assert p.stdout.strip() == "0 []", (p.stdout, p.stderr)
     assert out.read_bytes() == image
+
+
+def test_snapshot_writes_in_pieces_and_the_checksum_reads_back(tmp_path):
+    """A decoded snapshot frame goes into the page cache in PAGE_CACHE_WRITE pieces (small
+    folios, see replicator.restore): every byte lands at its offset, whatever the frame's
+    length. The whole-database checksum reads the file back through one reused buffer:
+    pages past the end of the file count as zeros, as SQLite reads them."""
+    import os
+
+    import xxhash
+
+    from replicator import restore as R
+
+    piece = R.PAGE_CACHE_WRITE
+    data = os.urandom(3 * piece + 3 * 4096 + 100)  # not a whole number of pieces (nor of pages)
+    path = tmp_path / "image"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        R._pwrite_all(fd, data, 8192)
+        R._pwrite_all(fd, memoryview(data)[:4096], 0)
+    finally:
+        os.close(fd)
+    body = path.read_bytes()
+    assert body == data[:4096] + bytes(4096) + data
+
+    pages = -(-len(body) // 4096) + 2  # two pages past the end of the file
+    padded = body + bytes(pages * 4096 - len(body))
+    want = 0
+    for i in range(pages):
+        want ^= xxhash.xxh3_64_intdigest(padded[i * 4096 : (i + 1) * 4096], i + 1)
+    assert R.file_checksum(path, 4096, pages) == want
+    assert R.file_checksum(path, 4096, 1) == xxhash.xxh3_64_intdigest(body[:4096], 1)
