@@ -424,6 +424,7 @@ def main(argv=None) -> int:
     info["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["cpu_probe_end"] = cpu_probe()
     log(f"cpu probe: {info['cpu_probe_start']:.3f} s at the start, {info['cpu_probe_end']:.3f} s at the end")
+    ctx.empty_trash(final=True)  # after the last measurement (see scenarios.TRASH_KEEP_FREE_BYTES)
     finished = dt.datetime.now(dt.timezone.utc)
     if interrupted:
         errors.append(("-", "interrupted"))

@@ -64,23 +64,28 @@ class Ctx:
         return text.replace(str(self.work), "$WORK").replace(str(ROOT) + "/", "")
 
     def discard(self, path: Path) -> None:
-        """Put a finished run's directory aside, to be deleted between scenarios
-        (empty_trash): not at once, where the next run would pay for it (see SETTLE_S)."""
+        """Put a finished run's directory aside, to be deleted after the last scenario
+        (empty_trash): not at once, where the runs measured next would pay for it (see
+        TRASH_KEEP_FREE_BYTES)."""
         if path.exists():
             trash = self.work / "trash"
             trash.mkdir(exist_ok=True)
             self._discarded += 1
             path.rename(trash / f"{self._discarded}-{path.name}")
 
-    def empty_trash(self) -> None:
-        """Delete what discard() put aside, then let ext4 forget the deletions (SETTLE_S)."""
+    def empty_trash(self, final: bool = False) -> None:
+        """Delete what discard() put aside: at the end of the run (final), or between
+        scenarios only when the work directory's file system runs short of space."""
         trash = self.work / "trash"
         if not trash.exists() or self.keep:
             return
+        if not final:
+            free = shutil.disk_usage(self.work).free
+            if free >= TRASH_KEEP_FREE_BYTES:
+                return
+            self.log(f"  only {free / (1 << 30):.1f} GiB free: deleting the finished runs' files now; on ext4 without a "
+                     "journal, files created in the next minutes cost more (see TRASH_KEEP_FREE_BYTES)")
         shutil.rmtree(trash, ignore_errors=True)
-        if not self.quick:
-            self.log(f"  deleted the scenario's files; settling {SETTLE_S:g} s before the next measurement")
-            time.sleep(SETTLE_S)
 
     def by_label(self, label: str) -> Tool | None:
         for t in self.tools:
@@ -89,14 +94,18 @@ class Ctx:
         return None
 
 
-# ext4 does not reuse an inode within 30 s (35 s while its inode-table block is dirty) of
-# its deletion: allocating a new inode walks past every recently deleted one in the group,
-# a buffer-cache lookup each. Deleting a run's few thousand files and then measuring the
-# next run made every file the next agent created cost that walk: up to a quarter of an
-# agent's CPU in scenario 2 (perf: __ext4_new_inode -> find_inode_bit -> recently_deleted),
-# whichever tool ran next. So runs' directories are deleted between scenarios, followed by
-# this pause.
-SETTLE_S = 36.0
+# On ext4 without a journal (as on these machines' work disks) an inode is not reused for
+# 60 s after its deletion, or for 360 s while its inode-table block is dirty, which it
+# stays while anything creates files nearby (fs/ext4/ialloc.c, RECENTCY_MIN and
+# RECENTCY_DIRTY): allocating a new inode walks past every recently deleted one in its
+# group, a buffer-cache lookup each. Deleting a scenario's few thousand files made every
+# file the next scenario's agents created cost that walk, whichever tool it was: about a
+# tenth of replicator's CPU in scenario 2 (perf: __ext4_new_inode -> find_inode_bit ->
+# recently_deleted, 4 % of its samples, with find_get_block_common and
+# ext4_get_group_desc). So finished runs' directories are kept until the end of the run
+# (about 15 GiB at most for a full run), unless the file system has less free space than
+# this.
+TRASH_KEEP_FREE_BYTES = 25 << 30
 
 
 def shorten_config(text: str, keep: int = 2) -> str:
