@@ -103,7 +103,7 @@ class Ctx:
 # tenth of replicator's CPU in scenario 2 (perf: __ext4_new_inode -> find_inode_bit ->
 # recently_deleted, 4 % of its samples, with find_get_block_common and
 # ext4_get_group_desc). So finished runs' directories are kept until the end of the run
-# (about 15 GiB at most for a full run), unless the file system has less free space than
+# (several GiB for a full run), unless the file system has less free space than
 # this.
 TRASH_KEEP_FREE_BYTES = 25 << 30
 
