@@ -254,14 +254,14 @@ DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 
 # bytes per pwrite of a snapshot frame into the page cache. The kernel sizes a new page-cache
-# folio by the write: a 4 MiB write asks for 2 MiB folios, which only whole free 2 MiB
-# blocks can give. On a VM whose balloon reports free memory to the host (virtio-balloon
-# free page reporting, e.g. Firecracker) those are the blocks the host has taken back, and
-# filling them costs a host fault per page: a 256 MiB restore's build then took 0.4 to 0.9 s
-# instead of 0.12 s, in most restores. Writes of 1 MiB (folios of half that block size)
-# never did in 20 restores, and are as fast as 4 MiB ones otherwise (benchmarks/profile.md,
-# section 5).
-PAGE_CACHE_WRITE = 1024 * 1024
+# folio by the write, and large folios come from large free blocks: on a VM whose balloon
+# reports free memory to the host (virtio-balloon free page reporting, e.g. Firecracker)
+# those are the blocks the host has taken back, and filling them costs a host fault per
+# page. A 256 MiB restore's build then took 0.4 to 0.9 s instead of 0.12 s: in most
+# restores with 4 MiB writes, and in the benchmark's scenario 5 with 1 MiB writes too.
+# 32 KiB (8 pages, the largest block the per-CPU free lists keep) never did, for about
+# 0.04 s more when nothing is slow (benchmarks/profile.md, section 5).
+PAGE_CACHE_WRITE = 32 * 1024
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
