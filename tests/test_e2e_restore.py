@@ -218,9 +218,9 @@ def test_restore_from_a_url_loads_neither_the_metrics_server_nor_yaml(tmp_path):
 
 
 def test_snapshot_writes_in_pieces_and_the_checksum_reads_back(tmp_path):
-    """A decoded snapshot frame goes into the page cache in PAGE_CACHE_WRITE pieces (folios
-    below the 2 MiB block size, see replicator.restore): every byte lands at its offset,
-    whatever the frame's length. The whole-database checksum reads the file back through one reused buffer:
+    """A decoded snapshot frame goes into the page cache in PAGE_CACHE_WRITE pieces (small
+    folios, see replicator.restore): every byte lands at its offset, whatever the frame's
+    length. The whole-database checksum reads the file back through one reused buffer:
     pages past the end of the file count as zeros, as SQLite reads them."""
     import os
 
