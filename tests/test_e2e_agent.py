@@ -43,7 +43,10 @@ def test_agent_checkpoints_keep_the_wal_bounded(tmp_path):
     # the agent's checkpoints restart it again and again (peaks of 1-2.5 MiB seen, 4.6 MiB on
     # a loaded 2-core machine)
     assert 0 < peak < 6 << 20, f"WAL grew to {peak} bytes"
-    assert (tmp_path / "agent.log").read_text().count('"event": "wal restarted"') >= 5
+    # the bound above already needs a restart; several show the agent keeps up with them
+    # (how many depends on how the writer's pace meets capture's steps: 4 seen when a
+    # loaded CI machine ran the 2,000 commits in under half a second)
+    assert (tmp_path / "agent.log").read_text().count('"event": "wal restarted"') >= 2
     restore_equals_source(tmp_path, replica, db)
 
 
