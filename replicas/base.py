@@ -32,6 +32,7 @@ class Capability(enum.Flag):
     MULTIPART = enum.auto()  # large uploads in parts, resumable
     SERVER_COPY = enum.auto()  # copy without moving the bytes through the client
     CONDITIONAL_CREATE = enum.auto()  # put(if_absent=True) is atomic
+    LOCAL = enum.auto()  # objects are on this machine: a get costs system calls, not a round trip
 
 
 class Driver(abc.ABC):

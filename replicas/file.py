@@ -41,7 +41,7 @@ class FileDriver(Driver):
     """Objects stored as files below a local directory (created on first put)."""
 
     scheme = "file"
-    capabilities = Capability.RANGE_READ | Capability.CONDITIONAL_CREATE
+    capabilities = Capability.RANGE_READ | Capability.CONDITIONAL_CREATE | Capability.LOCAL
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.realpath(os.path.abspath(os.fspath(root)))

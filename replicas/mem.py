@@ -38,7 +38,7 @@ class MemDriver(Driver):
     """Objects held in a named, process-global, thread-safe dictionary."""
 
     scheme = "mem"
-    capabilities = Capability.RANGE_READ | Capability.CONDITIONAL_CREATE
+    capabilities = Capability.RANGE_READ | Capability.CONDITIONAL_CREATE | Capability.LOCAL
 
     def __init__(self, name: str) -> None:
         if not name:

@@ -14,6 +14,7 @@ last transaction.
 from __future__ import annotations
 
 import calendar
+import datetime
 import functools
 import os
 import re
@@ -52,9 +53,16 @@ def is_generation_id(value: str) -> bool:
 
 
 def generation_time(generation: str) -> float:
-    """Creation time (unix seconds) encoded in a generation id."""
-    stamp, micros = generation[:15], int(generation[15:21])
-    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S")) + micros / 1e6
+    """Creation time (unix seconds) encoded in a generation id (ValueError for a date or
+    time that does not exist). Read from the digits, not with time.strptime: a restore
+    parses every key of a listing, and strptime cost 20 us a key and 5 ms to import."""
+    g = generation
+    when = (int(g[0:4]), int(g[4:6]), int(g[6:8]), int(g[9:11]), int(g[11:13]), int(g[13:15]))
+    # the ranges time.strptime accepted: month 1-12, the day in that month, ..., second 0-61
+    if when[5] > 61:
+        raise ValueError(f"second {when[5]} out of range in generation id {generation!r}")
+    datetime.datetime(*when[:5], min(when[5], 59))
+    return calendar.timegm(when + (0, 0, 0)) + int(g[15:21]) / 1e6
 
 
 @dataclass(frozen=True, order=True)

@@ -247,3 +247,66 @@ def test_snapshot_writes_in_pieces_and_the_checksum_reads_back(tmp_path):
         want ^= xxhash.xxh3_64_intdigest(padded[i * 4096 : (i + 1) * 4096], i + 1)
     assert R.file_checksum(path, 4096, pages) == want
     assert R.file_checksum(path, 4096, 1) == xxhash.xxh3_64_intdigest(body[:4096], 1)
+
+
+def test_segments_are_fetched_ahead_from_a_remote_replica_and_in_order_from_a_local_one(tmp_path):
+    """A restore with a tail of many segments reads a local replica (file) in order on its
+    own thread, and fetches ahead on worker threads from any other: both build the same,
+    page-identical database."""
+    import threading
+
+    from harness import assert_same_pages, checkpoint
+    from replicas import Capability, Driver, open_driver
+    from replicator import restore as R
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        for i in range(6):
+            write(db, [["insert", 40, 300], ["update", 5]], lib="apsw")
+        assert agent.stop() == 0
+    assert len(list(replica.rglob("*.segment"))) >= 3
+    checkpoint(db)
+
+    class Remote(Driver):
+        """The file replica, as a driver that does not say it is local; notes each get's thread."""
+
+        scheme = "remote"
+
+        def __init__(self, inner: Driver) -> None:
+            self.inner, self.url, self.threads = inner, "remote:" + inner.url, []
+            self.capabilities = inner.capabilities & ~Capability.LOCAL  # type: ignore[misc]
+
+        def get(self, key, **kw):
+            self.threads.append(threading.current_thread().name)
+            return self.inner.get(key, **kw)
+
+        def put(self, *a, **kw):
+            return self.inner.put(*a, **kw)
+
+        def head(self, key):
+            return self.inner.head(key)
+
+        def list(self, prefix="", **kw):
+            return self.inner.list(prefix, **kw)
+
+        def delete(self, key):
+            self.inner.delete(key)
+
+    local = open_driver(f"file://{replica}")
+    assert Capability.LOCAL in local.capabilities
+    remote = Remote(open_driver(f"file://{replica}"))
+    real_get, local_threads = local.get, []
+    local.get = lambda key, **kw: (local_threads.append(threading.current_thread().name), real_get(key, **kw))[1]
+    for name, driver, threads in (("local", local, local_threads), ("remote", remote, remote.threads)):
+        out = tmp_path / f"{name}.db"
+        R.restore(driver, out)
+        assert integrity(out) == "ok"
+        assert_same_pages(out, db)
+        segment_gets = threads[1:]  # the first get is the snapshot's, on this thread
+        assert len(segment_gets) >= 3
+        if name == "local":
+            assert set(threads) == {threading.current_thread().name}, threads
+        else:
+            assert all(t.startswith("restore-fetch") for t in segment_gets), threads
