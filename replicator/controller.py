@@ -420,7 +420,7 @@ class Agent:
 
     def _watch_database(self, d: DatabaseReplicator) -> None:
         try:
-            self._events.add(str(d.cfg.path))
+            self._events.add(str(d.cfg.path), d.cfg.sync_interval)
             d.events = True
         except OSError as e:
             d.log.warning(

@@ -285,6 +285,34 @@ def test_change_events_add_and_remove_at_run_time(tmp_path):
         events.close()
 
 
+
+def test_change_events_read_as_often_as_the_shortest_sync_interval_needs(tmp_path):
+    """Under load the inotify reader pauses between reads, up to 3/4 of the shortest
+    sync-interval of the databases watched (a busy capture steps once per sync-interval;
+    reading more often wakes it no sooner), never below the old 8 ms nor above 50 ms."""
+    from replicator import wal_events as W
+
+    assert W.busy_gap([]) == W.READ_GAP_BUSY == 0.008
+    assert W.busy_gap([0.0]) == 0.008 and W.busy_gap([0.005]) == 0.008
+    assert W.busy_gap([0.02]) == pytest.approx(0.015)
+    assert W.busy_gap([0.02, 0.01, 1.0]) == pytest.approx(0.008)
+    assert W.busy_gap([0.04, 0.1]) == pytest.approx(0.03)
+    assert W.busy_gap([1.0]) == W.READ_GAP_BUSY_MAX == 0.05
+
+    events = ChangeEvents(lambda path: None)
+    try:
+        a, b = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+        events.add(a, 0.02)
+        assert events._impl.busy_gap == pytest.approx(0.015)
+        events.add(b, 0.04)
+        assert events._impl.busy_gap == pytest.approx(0.015)
+        events.remove(a)
+        assert events._impl.busy_gap == pytest.approx(0.03)
+        events.remove(b)
+        assert events._impl.busy_gap == W.READ_GAP_BUSY
+    finally:
+        events.close()
+
 def test_watcher_follows_the_directory(tmp_path):
     make_db(tmp_path / "a.db")
     cfg = entry(tmp_path, recursive=True)
@@ -399,6 +427,8 @@ def test_agent_adds_and_removes_databases_at_run_time(tmp_path):
     try:
         paths = lambda: sorted(d["path"] for d in agent.status()["databases"])  # noqa: E731
         assert paths() == [str(data / "a.db"), str(tmp_path / "solo.db")]
+        # the change-event reader paces itself by the databases' sync-interval (20 ms)
+        assert agent._events._impl.busy_gap == pytest.approx(0.75 * 0.02)
         c = make_db(data / "c.db")
         added = agent.add_database(make_config(config.dirs[0], c))
         assert added is not None and str(c) in paths()
