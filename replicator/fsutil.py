@@ -54,6 +54,36 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         view, offset = view[n:], offset + n
 
 
+_fallocate: Callable[..., int] | None | bool = False  # False: not looked up yet
+
+
+def preallocate(fd: int, length: int) -> bool:
+    """Reserve the blocks of an empty file up to length, and make that its size (Linux
+    fallocate, mode 0), so that writes filling it in skip the filesystem's block allocation
+    one page at a time (a 256 MiB restore's page-cache writes: 0.061 -> 0.045 s). Where the
+    call does not exist or fails (a filesystem without it, ENOSPC, a size past the largest
+    file) the file is truncated back to empty and False returned: the writes then allocate
+    as they go, and report any real shortage of space themselves."""
+    global _fallocate
+    if _fallocate is False:
+        _fallocate = None
+        try:
+            import ctypes
+
+            f = ctypes.CDLL(None, use_errno=True).fallocate
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            f.restype = ctypes.c_int
+            _fallocate = f
+        except (OSError, AttributeError):
+            pass
+    if _fallocate is None or length <= 0:
+        return False
+    if _fallocate(fd, 0, 0, length) == 0:
+        return True
+    os.ftruncate(fd, 0)  # blocks a failed call may have reserved
+    return False
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Callable[..., int] | None | bool = False  # False: not looked up yet
 

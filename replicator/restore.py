@@ -18,7 +18,7 @@ from replicas import Capability, Driver, NotFound, StorageError
 from replicator import keys
 from replicator.artefact import ArtefactError, decode_body_into, iter_segment_pages, read_header, verify_key
 from replicator.encryption import EncryptionKey
-from replicator.fsutil import fsync_dir, pwrite_all, start_writeback, temp_path
+from replicator.fsutil import fsync_dir, preallocate, pwrite_all, start_writeback, temp_path
 from replicator.restore_plan import RestorePlan, RestoreTarget, plan_restore
 
 
@@ -197,6 +197,7 @@ def _build(
             try:
                 header = read_header(f)
                 verify_key(header, p.snapshot.key)
+                preallocate(fd, header.raw_length)  # the image's blocks, reserved in one call
                 decode_body_into(
                     f, header, lambda off, data: _pwrite_all(fd, data, off),
                     workers=DECODE_WORKERS, encryption_key=encryption_key, progress=progress,

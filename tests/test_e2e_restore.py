@@ -310,3 +310,65 @@ def test_segments_are_fetched_ahead_from_a_remote_replica_and_in_order_from_a_lo
             assert set(threads) == {threading.current_thread().name}, threads
         else:
             assert all(t.startswith("restore-fetch") for t in segment_gets), threads
+
+
+def test_the_snapshot_image_is_reserved_in_one_call_and_a_refused_reservation_changes_nothing(tmp_path):
+    """A restore reserves the snapshot image's blocks before decoding it (fallocate); the
+    tail may then shrink the database below the image, and the file ends at the database's
+    size. Where the reservation is refused (a filesystem without fallocate, no room), the
+    file is left empty and the restore writes it as before: both restores are
+    page-identical to the source."""
+    import os
+
+    from harness import assert_same_pages, checkpoint
+    from replicas import open_driver
+    from replicator import fsutil
+    from replicator import restore as R
+
+    probe = tmp_path / "probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert fsutil.preallocate(fd, 5 * 4096 + 7) is True
+        assert os.fstat(fd).st_size == 5 * 4096 + 7
+        os.ftruncate(fd, 0)
+        assert fsutil.preallocate(fd, 1 << 62) is False  # past the largest file (EFBIG) or the disk
+        assert os.fstat(fd).st_size == 0
+        assert fsutil.preallocate(fd, 0) is False
+    finally:
+        os.close(fd)
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["batch", 2000, 800]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        write(db, [["delete_fraction", 0.9], ["vacuum"], ["insert", 20, 100]], lib="apsw")
+        assert agent.stop() == 0
+    checkpoint(db)
+    driver = open_driver(f"file://{replica}")
+    calls: list[tuple[int, bool]] = []
+    real = R.preallocate
+
+    def noted(fd: int, length: int) -> bool:
+        calls.append((length, real(fd, length)))
+        return calls[-1][1]
+
+    R.preallocate = noted
+    try:
+        out = tmp_path / "reserved.db"
+        result = R.restore(driver, out)
+        refused = tmp_path / "refused.db"
+        real_fallocate = fsutil._fallocate
+        fsutil._fallocate = lambda fd, mode, offset, length: -1
+        try:
+            R.restore(driver, refused)
+        finally:
+            fsutil._fallocate = real_fallocate
+    finally:
+        R.preallocate = real
+    assert [c[1] for c in calls] == [True, False]
+    image = calls[0][0]  # the snapshot's whole image, larger than the vacuumed database
+    assert image == calls[1][0] and image % result.page_size == 0 and image > out.stat().st_size
+    for path in (out, refused):
+        assert integrity(path) == "ok"
+        assert_same_pages(path, db)
+        assert path.stat().st_size == db.stat().st_size
