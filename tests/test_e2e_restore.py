@@ -372,3 +372,38 @@ def test_the_snapshot_image_is_reserved_in_one_call_and_a_refused_reservation_ch
         assert integrity(path) == "ok"
         assert_same_pages(path, db)
         assert path.stat().st_size == db.stat().st_size
+
+
+def test_one_shot_commands_exit_without_the_interpreters_teardown_and_lose_no_output(tmp_path):
+    """The console script ends a one-shot command (restore, the listings) with os._exit
+    once its work is done: an atexit hook never runs, yet every line of its output is
+    there (flushed into a pipe) and its exit status is the command's own."""
+    import subprocess
+    import sys
+
+    from harness import ROOT, env
+
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    write(db, [["schema"], ["insert", 30, 200]])
+    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
+        wait_for(lambda: has_snapshot(replica), what="first snapshot")
+        assert agent.stop() == 0
+    hook = "import atexit, sys; atexit.register(lambda: print('TEARDOWN', file=sys.stderr)); from replicator.cli import run; "
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = hook + f"sys.argv = ['replicator', *{list(args)!r}]; run()"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
+
+    listing = run("snapshots", "--json", f"file://{replica}")
+    assert listing.returncode == 0 and "TEARDOWN" not in listing.stderr, listing.stderr
+    assert len(json.loads(listing.stdout)) >= 1
+    out = tmp_path / "out.db"
+    restored = run("restore", "-o", str(out), f"file://{replica}")
+    assert restored.returncode == 0 and "TEARDOWN" not in restored.stderr, restored.stderr
+    assert integrity(out) == "ok" and rows(out) == rows(db)
+    refused = run("restore", "-o", str(out), f"file://{replica}")  # exists: refused, exit 2 (a usage error)
+    assert refused.returncode == 2 and "already exists" in refused.stderr and "TEARDOWN" not in refused.stderr
+    # in process, main() returns its status and leaves the interpreter alone
+    code = hook + f"from replicator.cli import main; print('rc', main(['snapshots', '--json', 'file://{replica}']))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env(), cwd=ROOT)
+    assert p.stdout.rstrip().endswith("rc 0") and "TEARDOWN" in p.stderr
