@@ -54,7 +54,27 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         view, offset = view[n:], offset + n
 
 
-_fallocate: Callable[..., int] | None | bool = False  # False: not looked up yet
+_libc_functions: dict[str, Callable[..., int] | None] = {}
+
+
+def _libc(name: str, *argtypes: str) -> Callable[..., int] | None:
+    """The C library's function of that name, its arguments the named ctypes types (looked
+    up once; None where it does not exist)."""
+    try:
+        return _libc_functions[name]
+    except KeyError:
+        pass
+    f = None
+    try:
+        import ctypes
+
+        f = getattr(ctypes.CDLL(None, use_errno=True), name)
+        f.argtypes = [getattr(ctypes, t) for t in argtypes]
+        f.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        f = None
+    _libc_functions[name] = f
+    return f
 
 
 def preallocate(fd: int, length: int) -> bool:
@@ -64,28 +84,16 @@ def preallocate(fd: int, length: int) -> bool:
     call does not exist or fails (a filesystem without it, ENOSPC, a size past the largest
     file) the file is truncated back to empty and False returned: the writes then allocate
     as they go, and report any real shortage of space themselves."""
-    global _fallocate
-    if _fallocate is False:
-        _fallocate = None
-        try:
-            import ctypes
-
-            f = ctypes.CDLL(None, use_errno=True).fallocate
-            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-            f.restype = ctypes.c_int
-            _fallocate = f
-        except (OSError, AttributeError):
-            pass
-    if _fallocate is None or length <= 0:
+    fallocate = _libc("fallocate", "c_int", "c_int", "c_longlong", "c_longlong")
+    if fallocate is None or length <= 0:
         return False
-    if _fallocate(fd, 0, 0, length) == 0:
+    if fallocate(fd, 0, 0, length) == 0:
         return True
     os.ftruncate(fd, 0)  # blocks a failed call may have reserved
     return False
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: Callable[..., int] | None | bool = False  # False: not looked up yet
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -93,17 +101,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     (Linux sync_file_range with SYNC_FILE_RANGE_WRITE): a later fsync then has less left
     to wait for. It promises nothing about durability; where the call does not exist (or
     fails) this does nothing, and the fsync does all the work as before."""
-    global _sync_file_range
-    if _sync_file_range is False:
-        _sync_file_range = None
-        try:
-            import ctypes
-
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-            f.restype = ctypes.c_int
-            _sync_file_range = f
-        except (OSError, AttributeError):
-            pass
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    sync_file_range = _libc("sync_file_range", "c_int", "c_longlong", "c_longlong", "c_uint")
+    if sync_file_range is not None:
+        sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -90,13 +90,20 @@ def test_app_checkpoints_every_mode_while_writing(tmp_path):
     restore_equals_source(tmp_path, replica, db)
 
 
-def test_vacuum_and_shrinking_database(tmp_path):
+def _replica_of_a_vacuumed_database(tmp_path) -> tuple[Path, Path]:
+    """A database snapshotted at 2,000 rows, then 90 % deleted and VACUUMed (its tail
+    shrinks it well below the snapshot) with 20 rows more, and its file replica."""
     db, replica = tmp_path / "app.db", tmp_path / "replica"
     write(db, [["schema"], ["batch", 2000, 800]])
     with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
         wait_for(lambda: has_snapshot(replica), what="first snapshot")
         write(db, [["delete_fraction", 0.9], ["vacuum"], ["insert", 20, 100]], lib="apsw")
         assert agent.stop() == 0
+    return db, replica
+
+
+def test_vacuum_and_shrinking_database(tmp_path):
+    db, replica = _replica_of_a_vacuumed_database(tmp_path)
     restore_equals_source(tmp_path, replica, db)
 
 
@@ -337,12 +344,7 @@ def test_the_snapshot_image_is_reserved_in_one_call_and_a_refused_reservation_ch
     finally:
         os.close(fd)
 
-    db, replica = tmp_path / "app.db", tmp_path / "replica"
-    write(db, [["schema"], ["batch", 2000, 800]])
-    with AgentProcess(str(db), f"file://{replica}", log=tmp_path / "agent.log") as agent:
-        wait_for(lambda: has_snapshot(replica), what="first snapshot")
-        write(db, [["delete_fraction", 0.9], ["vacuum"], ["insert", 20, 100]], lib="apsw")
-        assert agent.stop() == 0
+    db, replica = _replica_of_a_vacuumed_database(tmp_path)
     checkpoint(db)
     driver = open_driver(f"file://{replica}")
     calls: list[tuple[int, bool]] = []
@@ -357,12 +359,13 @@ def test_the_snapshot_image_is_reserved_in_one_call_and_a_refused_reservation_ch
         out = tmp_path / "reserved.db"
         result = R.restore(driver, out)
         refused = tmp_path / "refused.db"
-        real_fallocate = fsutil._fallocate
-        fsutil._fallocate = lambda fd, mode, offset, length: -1
+        looked_up = dict(fsutil._libc_functions)
+        fsutil._libc_functions["fallocate"] = lambda fd, mode, offset, length: -1
         try:
             R.restore(driver, refused)
         finally:
-            fsutil._fallocate = real_fallocate
+            fsutil._libc_functions.clear()
+            fsutil._libc_functions.update(looked_up)
     finally:
         R.preallocate = real
     assert [c[1] for c in calls] == [True, False]
